@@ -1,0 +1,40 @@
+"""TenSafe's embedded multi-LoRA inference engine (Llama architecture, CPU or CUDA).
+
+Knows nothing of tenants, HTTP or packages: adapters arrive as plain tensors.
+"""
+from .config import DEFAULT_MODEL, EngineConfig
+from .engine import Engine
+from .errors import (
+    AdapterError,
+    AdapterExists,
+    AdapterInUse,
+    AdapterNotFound,
+    AdapterRankTooLarge,
+    AdapterSlotsFull,
+    ContextLengthExceeded,
+    EngineClosed,
+    EngineError,
+    EngineOverloaded,
+    InvalidAdapter,
+    InvalidRequest,
+    ModelLoadError,
+)
+from .types import (
+    LORA_TARGETS,
+    AdapterConfig,
+    Capacity,
+    ChatMessage,
+    FinishReason,
+    GenerationChunk,
+    GenerationRequest,
+    ModelInfo,
+    SamplingParams,
+)
+
+__all__ = [
+    "DEFAULT_MODEL", "EngineConfig", "Engine", "AdapterError", "AdapterExists", "AdapterInUse",
+    "AdapterNotFound", "AdapterRankTooLarge", "AdapterSlotsFull", "ContextLengthExceeded", "EngineClosed",
+    "EngineError", "EngineOverloaded", "InvalidAdapter", "InvalidRequest", "ModelLoadError", "LORA_TARGETS",
+    "AdapterConfig", "Capacity", "ChatMessage", "FinishReason", "GenerationChunk", "GenerationRequest",
+    "ModelInfo", "SamplingParams",
+]

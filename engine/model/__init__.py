@@ -1,0 +1,1 @@
+"""Model loading and the Llama forward pass used by the engine."""

