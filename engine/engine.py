@@ -241,7 +241,7 @@ class Engine:
                 self._deliver(outbox)
                 return
             if sched.idle:
-                self._deliver(outbox)
+                self._publish(sched, outbox)
                 self._wake.wait()
                 continue
             try:
@@ -252,9 +252,12 @@ class Engine:
                 failed = list(sched.by_id.values())
                 sched.abort_all(lambda seq, chunk: None)
                 outbox.extend((seq, error) for seq in failed)
-            with self._lock:
-                self._running = len(sched.running)
-            self._deliver(outbox)
+            self._publish(sched, outbox)
+
+    def _publish(self, sched: Scheduler, outbox: list) -> None:
+        with self._lock:
+            self._running = len(sched.running)
+        self._deliver(outbox)
 
     def _drain(self, sched: Scheduler, emit) -> bool:
         while True:

@@ -1,0 +1,124 @@
+"""The engine's adapter API: slots, limits, refusals."""
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import (
+    AdapterConfig,
+    AdapterExists,
+    AdapterInUse,
+    AdapterNotFound,
+    AdapterRankTooLarge,
+    AdapterSlotsFull,
+    Engine,
+    EngineConfig,
+    GenerationRequest,
+    InvalidAdapter,
+    SamplingParams,
+)
+
+HIDDEN, KV = 576, 192
+
+
+def lora(rank: int, modules=("q_proj",), layers=range(30), seed: int = 0) -> tuple[dict, AdapterConfig]:
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"q_proj": (HIDDEN, HIDDEN), "v_proj": (HIDDEN, KV)}
+    tensors = {}
+    for layer in layers:
+        for m in modules:
+            fan_in, fan_out = shapes[m]
+            p = f"base_model.model.model.layers.{layer}.self_attn.{m}"
+            tensors[f"{p}.lora_A.weight"] = torch.randn(rank, fan_in, generator=g) * 0.1
+            tensors[f"{p}.lora_B.weight"] = torch.randn(fan_out, rank, generator=g) * 0.1
+    return tensors, AdapterConfig(rank=rank, alpha=2 * rank, target_modules=tuple(modules))
+
+
+@pytest.fixture()
+def engine(checkpoint: Path):
+    e = Engine(EngineConfig(model=str(checkpoint), max_num_seqs=2, max_model_len=128, max_loras=2, max_lora_rank=8))
+    e.start()
+    yield e
+    e.shutdown()
+
+
+def test_slots_fill_then_refuse_and_unload_frees(engine: Engine) -> None:
+    engine.load_adapter("a", *lora(4, seed=1))
+    engine.load_adapter("b", *lora(8, seed=2))
+    assert sorted(engine.adapters()) == ["a", "b"]
+    assert engine.capacity().free_adapter_slots == 0
+    with pytest.raises(AdapterSlotsFull) as info:
+        engine.load_adapter("c", *lora(4))
+    assert info.value.slots == 2
+    with pytest.raises(AdapterExists):
+        engine.load_adapter("a", *lora(4))
+    engine.unload_adapter("a")
+    engine.load_adapter("c", *lora(4))
+    assert sorted(engine.adapters()) == ["b", "c"]
+    with pytest.raises(AdapterNotFound):
+        engine.unload_adapter("a")
+
+
+def test_rank_above_maximum_is_refused_with_both_numbers(engine: Engine) -> None:
+    with pytest.raises(AdapterRankTooLarge, match="rank 16 exceeds max_lora_rank 8"):
+        engine.load_adapter("big", *lora(16))
+    assert engine.adapters() == []
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda t: t.update({next(iter(t)): torch.zeros(3, 3)}), "shape"),
+        (lambda t: t.update({"model.layers.0.self_attn.k_proj.lora_A.weight": torch.zeros(4, HIDDEN)}), "target_modules"),
+        (lambda t: t.update({"something.else": torch.zeros(1)}), "unexpected tensor"),
+        (lambda t: t.pop(next(k for k in t if "lora_B" in k)), "lacks lora_A or lora_B"),
+        (lambda t: t.update({"model.layers.99.self_attn.q_proj.lora_A.weight": torch.zeros(4, HIDDEN)}), "layer 99"),
+    ],
+)
+def test_malformed_adapter_is_refused(engine: Engine, mutate, message: str) -> None:
+    tensors, config = lora(4)
+    mutate(tensors)
+    with pytest.raises(InvalidAdapter, match=message):
+        engine.load_adapter("bad", tensors, config)
+    assert engine.adapters() == [] and engine.capacity().free_adapter_slots == 2
+
+
+async def test_unload_refused_while_in_use_and_unknown_adapter_request_fails(engine: Engine) -> None:
+    engine.load_adapter("busy", *lora(4, seed=3))
+    req = GenerationRequest(request_id="r", prompt="Tell me a story", adapter_id="busy",
+                            sampling=SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True))
+    gen = engine.generate(req)
+    await gen.__anext__()
+    with pytest.raises(AdapterInUse) as info:
+        engine.unload_adapter("busy")
+    assert info.value.users == 1
+    await gen.aclose()
+    for _ in range(200):
+        try:
+            engine.unload_adapter("busy")
+            break
+        except AdapterInUse:
+            await asyncio.sleep(0.01)
+    assert engine.adapters() == []
+    with pytest.raises(AdapterNotFound):
+        await engine.generate(GenerationRequest(request_id="x", prompt="hi", adapter_id="busy",
+                                                  sampling=SamplingParams(max_tokens=5))).__anext__()
+
+
+async def test_adapter_changes_output_and_slot_reuse_takes_new_weights(engine: Engine) -> None:
+    async def text(adapter: str | None, rid: str) -> str:
+        req = GenerationRequest(request_id=rid, prompt="The weather today is", adapter_id=adapter,
+                                sampling=SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
+        return "".join([c.text async for c in engine.generate(req)])
+
+    base = await text(None, "base")
+    engine.load_adapter("x", *lora(8, modules=("q_proj", "v_proj"), seed=11))
+    with_x = await text("x", "x1")
+    engine.unload_adapter("x")
+    engine.load_adapter("x", *lora(8, modules=("q_proj", "v_proj"), seed=12))
+    with_new_x = await text("x", "x2")
+    assert with_x != base
+    assert with_new_x != with_x
