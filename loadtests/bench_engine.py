@@ -1,0 +1,90 @@
+"""Standard multi-adapter workload on the embedded engine, through its public async API.
+
+  python -m loadtests.bench_engine [--prepared DIR] --adapters N [--requests R] [--mode eager|compile]
+
+DIR is what ../shared/baselines/run.sh prepares (model/ and adapters/a0..): the same files the
+peers are measured on. Prints one JSON line:
+{"system": "tensafe-engine", "ready_s": ..., "requests": R, "tok_per_s": {"base", "one_adapter", "mixed_N"}}
+Each case is the best of two runs (as the vLLM peer script does), after a warm-up.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+
+from engine import ChatMessage, Engine, EngineConfig, GenerationRequest, SamplingParams
+from engine.peft_dir import load_peft_dir
+
+from .workload import default_prepared, load_workload
+
+
+async def run_case(engine: Engine, questions: list[str], adapters: list[str | None], max_new: int, tag: str) -> float:
+    sampling = SamplingParams(max_tokens=max_new, temperature=0.0, ignore_eos=True)
+
+    async def one(i: int) -> int:
+        req = GenerationRequest(request_id=f"{tag}-{i}", messages=[ChatMessage("user", questions[i % len(questions)])],
+                                sampling=sampling, adapter_id=adapters[i])
+        last = 0
+        async for chunk in engine.generate(req):
+            last = chunk.completion_tokens
+        return last
+
+    t0 = time.perf_counter()
+    counts = await asyncio.gather(*(one(i) for i in range(len(adapters))))
+    return sum(counts) / (time.perf_counter() - t0)
+
+
+async def main_async(args: argparse.Namespace) -> dict:
+    w = load_workload()
+    prepared: Path = args.prepared
+    n, r = args.adapters, args.requests or (64 if args.adapters > 32 else 32)
+    t0 = time.perf_counter()
+    engine = Engine(EngineConfig(model=str(prepared / "model"), max_num_seqs=args.max_num_seqs or r,
+                                 max_model_len=1024, max_loras=max(n, 1), max_lora_rank=max(8, w["adapter_rank"]),
+                                 mode=args.mode, dtype=args.dtype, max_queue=r))
+    engine.start()
+    ready_s = time.perf_counter() - t0
+    for i in range(n):
+        config, tensors = load_peft_dir(prepared / "adapters" / f"a{i}")
+        engine.load_adapter(f"a{i}", tensors, config)
+    q, max_new = w["questions"], w["max_new_tokens"]
+    await run_case(engine, q, ["a0", None] * 2, 8, "warm")
+    cases = {
+        "base": [None] * r,
+        "one_adapter": ["a0"] * r,
+        f"mixed_{n}": [f"a{i % n}" for i in range(r)],
+    }
+    result = {}
+    for name, adapters in cases.items():
+        best = 0.0
+        for rep in range(args.repeats):
+            best = max(best, await run_case(engine, q, adapters, max_new, f"{name}-{rep}"))
+        result[name] = round(best, 1)
+        print(f"{name}: {result[name]} tok/s", file=sys.stderr)
+    info = engine.info()
+    engine.shutdown()
+    return {"system": "tensafe-engine", "ready_s": round(ready_s, 2), "requests": r, "adapters": n,
+            "mode": args.mode, "dtype": info.dtype, "device": info.device, "tok_per_s": result}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prepared", type=Path, default=default_prepared())
+    ap.add_argument("--adapters", type=int, default=8)
+    ap.add_argument("--requests", type=int)
+    ap.add_argument("--max-num-seqs", type=int)
+    ap.add_argument("--mode", choices=["eager", "compile"], default="eager")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+    if not (args.prepared / "model" / "config.json").is_file():
+        raise SystemExit(f"{args.prepared} has no prepared model: run ../shared/baselines/run.sh {args.adapters} first")
+    print(json.dumps(asyncio.run(main_async(args))))
+
+
+if __name__ == "__main__":
+    main()
