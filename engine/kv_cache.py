@@ -4,6 +4,10 @@ Layout per layer: ``[slots + 1, kv_heads, max_model_len, head_dim]``. A running 
 one slot (row) for its whole life, so attention reads its keys in place (no gather, no paging
 copies) and decode attends over a prefix of fixed rows. The extra last row is scratch: padding
 tokens of a batched prefill write there, never into a live sequence.
+
+Buffers are allocated uninitialised (start-up stays fast even for gigabytes of cache) and a
+slot is zeroed the first time it is handed out: masked-out keys are multiplied by zero
+probabilities, which must not meet NaN garbage.
 """
 from __future__ import annotations
 
@@ -37,8 +41,17 @@ class KVCache:
         self.slots = slots
         self.scratch = slots
         self.max_len = max_len
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(dims.num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(dims.num_layers)]
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(dims.num_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(dims.num_layers)]
+        self._zeroed: set[int] = set()
+        self.prepare(self.scratch)
+
+    def prepare(self, slot: int) -> None:
+        """Zero a slot's rows on first use."""
+        if slot not in self._zeroed:
+            for t in self.k + self.v:
+                t[slot].zero_()
+            self._zeroed.add(slot)
 
     @property
     def nbytes(self) -> int:

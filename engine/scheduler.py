@@ -70,6 +70,7 @@ class Scheduler:
         while self.waiting and self._free:
             seq = self.waiting.popleft()
             seq.slot = heapq.heappop(self._free)
+            self.cache.prepare(seq.slot)
             seq.phase = Phase.PREFILL
             self.running[seq.slot] = seq
 

@@ -1,59 +1,99 @@
-"""Tokenizer, chat template and end-of-sequence ids, all taken from the checkpoint."""
+"""Tokenizer, chat template and end-of-sequence ids, all taken from the checkpoint.
+
+The fast path reads ``tokenizer.json`` with the ``tokenizers`` library and renders the
+checkpoint's chat template with transformers' own Jinja renderer: about 0.1 s, against ~5 s
+for ``AutoTokenizer`` (which imports most of transformers). Checkpoints without a
+``tokenizer.json`` fall back to ``AutoTokenizer``.
+"""
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from tokenizers import Tokenizer as FastTokenizer
 from tokenizers.decoders import DecodeStream
 
 from .errors import InvalidRequest, ModelLoadError
 from .types import GenerationRequest
 
 
+def _token_text(value) -> str | None:
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
 class Tokenizer:
     def __init__(self, checkpoint: Path) -> None:
+        config = _read_json(checkpoint / "tokenizer_config.json")
+        if (checkpoint / "tokenizer.json").is_file():
+            self.backend = FastTokenizer.from_file(str(checkpoint / "tokenizer.json"))
+        else:
+            self.backend = self._from_transformers(checkpoint)
+        self.special = {
+            name: text for name in ("bos_token", "eos_token", "unk_token", "pad_token")
+            if (text := _token_text(config.get(name))) is not None
+        }
+        self.chat_template = self._chat_template(checkpoint, config)
+        self.eos_ids = frozenset(self._eos_ids(checkpoint))
+
+    @staticmethod
+    def _from_transformers(checkpoint: Path) -> FastTokenizer:
         from transformers import AutoTokenizer
 
         try:
-            self._tok = AutoTokenizer.from_pretrained(checkpoint)
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"{checkpoint}: cannot load the tokenizer: {exc}") from exc
-        self.backend = self._tok.backend_tokenizer
-        self.eos_ids = frozenset(self._eos_ids(checkpoint))
-        self.has_chat_template = bool(getattr(self._tok, "chat_template", None))
+            return AutoTokenizer.from_pretrained(checkpoint).backend_tokenizer
+        except (OSError, ValueError, AttributeError) as exc:
+            raise ModelLoadError(f"{checkpoint}: cannot load a fast tokenizer: {exc}") from exc
+
+    @staticmethod
+    def _chat_template(checkpoint: Path, config: dict) -> str | None:
+        path = checkpoint / "chat_template.jinja"
+        if path.is_file():
+            return path.read_text()
+        template = config.get("chat_template")
+        if isinstance(template, list):  # named templates: use the default one
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        return template
 
     def _eos_ids(self, checkpoint: Path) -> set[int]:
         ids: set[int] = set()
         for name in ("generation_config.json", "config.json"):
-            path = checkpoint / name
-            if path.is_file():
-                eos = json.loads(path.read_text()).get("eos_token_id")
-                if isinstance(eos, int):
-                    ids.add(eos)
-                elif isinstance(eos, list):
-                    ids.update(int(e) for e in eos)
-        if self._tok.eos_token_id is not None:
-            ids.add(int(self._tok.eos_token_id))
+            eos = _read_json(checkpoint / name).get("eos_token_id")
+            if isinstance(eos, int):
+                ids.add(eos)
+            elif isinstance(eos, list):
+                ids.update(int(e) for e in eos)
+        eos_text = self.special.get("eos_token")
+        if eos_text is not None and (tid := self.backend.token_to_id(eos_text)) is not None:
+            ids.add(tid)
         return ids
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(self.chat_template)
+
+    def render(self, messages: Sequence[dict]) -> str:
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        if not self.chat_template:
+            raise InvalidRequest("this model has no chat template; send a prompt instead", param="messages")
+        rendered, _ = render_jinja_template(
+            conversations=[list(messages)], chat_template=self.chat_template, add_generation_prompt=True,
+            **self.special,
+        )
+        return rendered[0]
 
     def encode(self, request: GenerationRequest) -> list[int]:
         if request.prompt_token_ids is not None:
             return [int(t) for t in request.prompt_token_ids]
         if request.messages is not None:
-            if not self.has_chat_template:
-                raise InvalidRequest("this model has no chat template; send a prompt instead", param="messages")
-            conversation = [{"role": m.role, "content": m.content} for m in request.messages]
-            ids = self._tok.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
-            if hasattr(ids, "keys"):  # BatchEncoding
-                ids = ids["input_ids"]
-            return list(ids)
+            text = self.render([{"role": m.role, "content": m.content} for m in request.messages])
+            return self.backend.encode(text, add_special_tokens=False).ids
         if request.prompt is not None:
             return self.backend.encode(request.prompt, add_special_tokens=False).ids
         raise InvalidRequest("a request needs messages, a prompt or prompt token ids")
-
-    def render(self, messages: Sequence[dict]) -> str:
-        return self._tok.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=True)
@@ -61,3 +101,7 @@ class Tokenizer:
     def decode_stream(self, prompt_ids: Sequence[int]) -> DecodeStream:
         """Incremental, UTF-8 safe detokenizer primed with the prompt's tail (for spacing)."""
         return DecodeStream(ids=list(prompt_ids[-4:]), skip_special_tokens=True)
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
