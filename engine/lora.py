@@ -6,11 +6,11 @@ Every adapter lives in one slot of stacked tensors, per target module:
 are zero-padded). The base model is "no slot": its rows get a zero LoRA delta.
 
 For a batch, only the k distinct adapters the rows use are gathered, once per batch
-composition, into a dense ``A_cat: [in, m*k*r]`` and a block-diagonal ``B_blk: [m*k*r, out]`` per
-fused projection group (m = modules of the group some adapter targets, r = the largest rank in
-the batch). A decoder-layer projection then costs three kernels however many adapters the
-batch mixes: ``out += ((x @ A_cat) * row_mask) @ B_blk``. Weights are read once per step, not
-once per row as with a per-row gather.
+composition, per fused projection group (q/k/v, o, gate/up, down): ``A: [k, in, m*r]`` and a
+block-diagonal ``B: [k, m*r, out]`` (m = modules of the group some adapter targets, r = the
+largest rank in the batch). Rows are grouped by adapter, so a projection's LoRA delta is two
+batched matmuls whatever the mix, each row pays only for its own adapter, and each adapter's
+weights are read once per step (not once per row, as a per-row gather would).
 """
 from __future__ import annotations
 
@@ -40,30 +40,61 @@ _NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_
 
 @dataclasses.dataclass(frozen=True)
 class GroupLora:
-    a_cat: torch.Tensor  # [layers, in, m*k*r]
-    b_blk: torch.Tensor  # [layers, m*k*r, out_group]
-    modules: int  # m
+    a: torch.Tensor  # [layers, k, in, m*r]: the k adapters' A of the group's m modules, side by side
+    b: torch.Tensor  # [layers, k, m*r, out_group]: block-diagonal B, scaling folded in
 
 
 class LoraBatch:
-    """The LoRA inputs of one forward pass: per-group weights and the per-token row mask."""
+    """The LoRA inputs of one forward pass.
 
-    def __init__(self, groups: Mapping[str, GroupLora], mask: torch.Tensor) -> None:
+    With one adapter in the batch, a projection's delta is two plain matmuls (rows on the base
+    model masked to zero). With several, rows are grouped by adapter into a padded
+    ``[k, g, hidden]`` block and the delta is two batched matmuls: every row only pays for its
+    own adapter's rank, and each adapter's weights are read once per step.
+    """
+
+    def __init__(
+        self, groups: Mapping[str, GroupLora], token_pos: Sequence[int], k: int, device: torch.device, dtype: torch.dtype
+    ) -> None:
         self.groups = groups
-        self._mask = mask  # [N, k*r]
-        self._masks: dict[int, torch.Tensor] = {}
+        self.k = k
+        n = len(token_pos)
+        members: list[list[int]] = [[] for _ in range(k)]
+        for row, p in enumerate(token_pos):
+            if p >= 0:
+                members[p].append(row)
+        self.width = max(len(m) for m in members)
+        self.row_mask: torch.Tensor | None = None
+        if k == 1:
+            if len(members[0]) < n:
+                self.row_mask = torch.tensor([[float(p >= 0)] for p in token_pos], device=device, dtype=dtype)
+            return
+        gather, valid, dest = [], [], []
+        for i, rows in enumerate(members):
+            for j in range(self.width):
+                if j < len(rows):
+                    valid.append(i * self.width + j)
+                    dest.append(rows[j])
+                gather.append(rows[j] if j < len(rows) else rows[0])
+        self.gather = torch.tensor(gather, device=device)
+        self.dest = torch.tensor(dest, device=device)
+        self.valid = None if len(valid) == len(gather) else torch.tensor(valid, device=device)
 
     def apply(self, group: str, layer: int, x: torch.Tensor, out: torch.Tensor) -> None:
         g = self.groups.get(group)
         if g is None:
             return
-        mask = self._masks.get(g.modules)
-        if mask is None:
-            mask = self._mask if g.modules == 1 else self._mask.repeat(1, g.modules)
-            self._masks[g.modules] = mask
-        xa = torch.mm(x, g.a_cat[layer])
-        xa.mul_(mask)
-        out.addmm_(xa, g.b_blk[layer])
+        if self.k == 1:
+            xa = torch.mm(x, g.a[layer, 0])
+            if self.row_mask is not None:
+                xa.mul_(self.row_mask)
+            out.addmm_(xa, g.b[layer, 0])
+            return
+        xg = x.index_select(0, self.gather).view(self.k, self.width, -1)
+        y = torch.bmm(torch.bmm(xg, g.a[layer]), g.b[layer]).view(self.k * self.width, -1)
+        if self.valid is not None:
+            y = y.index_select(0, self.valid)
+        out.index_add_(0, self.dest, y)
 
 
 class LoraSlots:
@@ -214,34 +245,27 @@ class LoraSlots:
                 self._compositions.popitem(last=False)
         else:
             self._compositions.move_to_end(key)
-        k = len(distinct)
-        device = self.A["q_proj"].device
         pos = {s: i for i, s in enumerate(distinct)}
-        row = torch.tensor([pos.get(s, -1) for s in token_slots], device=device)
-        onehot = row[:, None] == torch.arange(k, device=device)[None, :]
-        mask = onehot.to(self.dtype).repeat_interleave(rank, dim=1)  # [N, k*rank]
-        return LoraBatch(groups, mask)
+        return LoraBatch(groups, [pos.get(s, -1) for s in token_slots], len(distinct), self.A["q_proj"].device, self.dtype)
 
     @torch.no_grad()
     def _gather(self, distinct: list[int], rank: int, targets: frozenset[str]) -> dict[str, GroupLora]:
         device = self.A["q_proj"].device
         sel = torch.tensor(distinct, device=device)
-        k = len(distinct)
+        k, L = len(distinct), self.dims.num_layers
         groups: dict[str, GroupLora] = {}
         for group, modules in GROUPS.items():
             active = [m for m in modules if m in targets]
             if not active:
                 continue
             outs = [self.dims.projection_shape(m)[1] for m in modules]
-            L = self.dims.num_layers
-            a_parts = [
-                self.A[m].index_select(2, sel)[..., :rank].reshape(L, -1, k * rank) for m in active
-            ]
-            a_cat = torch.cat(a_parts, dim=2) if len(a_parts) > 1 else a_parts[0].contiguous()
-            b_blk = torch.zeros((L, len(active) * k * rank, sum(outs)), dtype=self.dtype, device=device)
+            # A[m]: [L, in, slots, max_rank] -> [L, k, in, rank], side by side over modules
+            a = torch.cat([self.A[m].index_select(2, sel)[..., :rank].permute(0, 2, 1, 3) for m in active], dim=3)
+            b = torch.zeros((L, k, len(active) * rank, sum(outs)), dtype=self.dtype, device=device)
             for j, m in enumerate(active):
                 col = sum(outs[: modules.index(m)])
-                b = self.B[m].index_select(1, sel)[:, :, :rank, :].reshape(L, k * rank, -1)
-                b_blk[:, j * k * rank : (j + 1) * k * rank, col : col + b.shape[-1]] = b
-            groups[group] = GroupLora(a_cat=a_cat, b_blk=b_blk, modules=len(active))
+                b[:, :, j * rank : (j + 1) * rank, col : col + outs[modules.index(m)]] = (
+                    self.B[m].index_select(1, sel)[:, :, :rank, :]
+                )
+            groups[group] = GroupLora(a=a.contiguous(), b=b)
         return groups
