@@ -1,0 +1,311 @@
+"""The tiered adapter cache: disk (encrypted packages) -> CPU (decrypted tensors under a byte
+budget) -> device (backend slots).
+
+All state lives on the event loop (one owner, no thread locks); the slow parts, verify + decrypt
+and the copy into a slot, run off the loop inside the source and the slot backend, so a request
+whose adapter is loading waits without holding up requests for resident adapters.
+
+Verbs are explicit and idempotent: ``fetch`` (disk -> CPU), ``load`` (CPU -> slot),
+``offload`` (slot -> CPU), ``evict`` (CPU -> gone; the package stays on disk) and ``remove``
+(deletion: every tier at once). ``lease`` wraps one request: it makes the adapter resident and
+keeps it in its slot until the request ends. Concurrent requests for a cold adapter share one
+fetch and one load (single-flight).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+
+from .errors import AdapterBusy, AdapterPinned, AdapterUnavailable, CacheError, UnknownAdapter
+from .lru import ByteLRU
+from .stats import CacheCounters
+from .types import AdapterSource, AdapterStatus, Decrypted, SlotBackend, State, Tier
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class _Device:
+    """One backend's slots as the cache tracks them."""
+
+    name: str
+    slots: SlotBackend
+    order: dict[str, None] = dataclasses.field(default_factory=dict)  # resident, least recent first
+    leases: dict[str, int] = dataclasses.field(default_factory=dict)
+    loading: dict[str, asyncio.Task] = dataclasses.field(default_factory=dict)
+    doomed: set[str] = dataclasses.field(default_factory=set)  # unload when the last lease ends
+    room: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
+    released: asyncio.Condition = dataclasses.field(default_factory=asyncio.Condition)
+
+    def touch(self, key: str) -> None:
+        self.order.pop(key, None)
+        self.order[key] = None
+
+
+class AdapterCache:
+    def __init__(
+        self,
+        source: AdapterSource,
+        *,
+        cpu_budget_bytes: int,
+        tenant_share: float = 0.5,
+        failure_ttl_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.source = source
+        self.counters = CacheCounters()
+        self._cpu: ByteLRU[Decrypted] = ByteLRU(cpu_budget_bytes, owner_share=tenant_share, name="cpu")
+        self._devices: dict[str, _Device] = {}
+        self._fetching: dict[str, asyncio.Task] = {}
+        self._failed: dict[str, tuple[str, float]] = {}
+        self._generation: dict[str, int] = {}  # bumped by remove(): stale fetches are dropped
+        self._background: set[asyncio.Task] = set()
+        self._failure_ttl = failure_ttl_s
+        self._clock = clock
+
+    # ---- backends -----------------------------------------------------------------------
+    def add_backend(self, name: str, slots: SlotBackend) -> None:
+        self._devices[name] = _Device(name, slots, order={k: None for k in slots.resident()})
+
+    def _device(self, backend: str) -> _Device:
+        try:
+            return self._devices[backend]
+        except KeyError:
+            raise CacheError(f"unknown backend {backend!r}") from None
+
+    # ---- disk -> CPU ------------------------------------------------------------------------
+    async def fetch(self, key: str) -> Decrypted:
+        failed = self._failed.get(key)
+        if failed is not None:
+            reason, when = failed
+            if self._clock() - when < self._failure_ttl:
+                raise AdapterUnavailable(key, reason)
+            del self._failed[key]
+        hit = self._cpu.get(key)
+        if hit is not None:
+            self.counters.cpu_hits += 1
+            return hit
+        self.counters.cpu_misses += 1
+        task = self._fetching.get(key)
+        if task is None:
+            task = asyncio.create_task(self._fetch(key), name=f"fetch:{key}")
+            self._fetching[key] = task
+            task.add_done_callback(lambda _t, k=key: self._fetching.pop(k, None))
+        return await asyncio.shield(task)
+
+    async def _fetch(self, key: str) -> Decrypted:
+        generation = self._generation.get(key, 0)
+        t0 = time.perf_counter()
+        self.counters.fetches += 1
+        try:
+            adapter = await self.source.open(key)
+        except UnknownAdapter:
+            raise
+        except AdapterUnavailable as exc:
+            self._fail(key, exc.reason)
+            raise
+        except CacheError as exc:
+            self._fail(key, str(exc))
+            raise
+        except Exception as exc:  # noqa: BLE001 - any source failure marks only this adapter failed
+            self._fail(key, _reason(exc))
+            raise AdapterUnavailable(key, _reason(exc)) from exc
+        self.counters.fetch_latency.observe(time.perf_counter() - t0)
+        if self._generation.get(key, 0) != generation:
+            raise UnknownAdapter(key)  # removed while it was being opened
+        evicted = self._cpu.put(key, adapter, adapter.nbytes, adapter.tenant)
+        self.counters.cpu_evictions += len(evicted)
+        return adapter
+
+    def _fail(self, key: str, reason: str) -> None:
+        self.counters.fetch_failures += 1
+        self._failed[key] = (reason, self._clock())
+        log.warning("adapter %s failed to open: %s", key, reason)
+
+    # ---- CPU -> slot ----------------------------------------------------------------------
+    async def load(self, key: str, backend: str) -> None:
+        dev = self._device(backend)
+        if key in dev.order:
+            self.counters.device_hits += 1
+            dev.touch(key)
+            return
+        self.counters.device_misses += 1
+        task = dev.loading.get(key)
+        if task is None:
+            task = asyncio.create_task(self._load(dev, key), name=f"load:{backend}:{key}")
+            dev.loading[key] = task
+            task.add_done_callback(lambda _t, k=key: dev.loading.pop(k, None))
+        await asyncio.shield(task)
+
+    async def _load(self, dev: _Device, key: str) -> None:
+        adapter = await self.fetch(key)
+        t0 = time.perf_counter()
+        async with dev.room:
+            if key in dev.order:
+                return
+            while dev.slots.free_slots() <= 0:
+                victim = next((k for k in dev.order if not dev.leases.get(k)), None)
+                if victim is None:  # every slot serves a request: wait for one to end
+                    async with dev.released:
+                        await dev.released.wait()
+                    continue
+                await self._unload(dev, victim)
+            await dev.slots.load(key, adapter)
+            dev.touch(key)
+        self.counters.loads += 1
+        self.counters.load_latency.observe(time.perf_counter() - t0)
+
+    async def _unload(self, dev: _Device, key: str) -> None:
+        await dev.slots.unload(key)
+        dev.order.pop(key, None)
+        dev.doomed.discard(key)
+        self.counters.offloads += 1
+
+    @contextlib.asynccontextmanager
+    async def lease(self, key: str, backend: str) -> AsyncIterator[None]:
+        """Make ``key`` resident on ``backend`` and keep it there until the block exits."""
+        dev = self._device(backend)
+        while True:
+            if key in dev.doomed:
+                raise UnknownAdapter(key)
+            await self.load(key, backend)
+            if key in dev.order:  # still resident once this task resumed
+                break
+        dev.leases[key] = dev.leases.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            left = dev.leases[key] - 1
+            if left:
+                dev.leases[key] = left
+            else:
+                del dev.leases[key]
+                if key in dev.doomed:
+                    await self._unload(dev, key)
+            async with dev.released:
+                dev.released.notify_all()
+
+    def prefetch(self, key: str, backend: str | None = None) -> asyncio.Task:
+        """Warm ``key`` ahead of a request (errors are recorded, not raised)."""
+        coro = self.load(key, backend) if backend else self.fetch(key)
+        task = asyncio.create_task(coro, name=f"prefetch:{key}")
+        self._background.add(task)
+        task.add_done_callback(self._prefetched)
+        return task
+
+    def _prefetched(self, task: asyncio.Task) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.info("prefetch failed: %s", task.exception())
+
+    # ---- downward moves ----------------------------------------------------------------------
+    async def offload(self, key: str, backend: str) -> None:
+        dev = self._device(backend)
+        if key not in dev.order:
+            return
+        if dev.leases.get(key):
+            raise AdapterBusy(key, backend, dev.leases[key])
+        async with dev.room:
+            if key in dev.order:
+                await self._unload(dev, key)
+
+    def evict(self, key: str) -> None:
+        """CPU -> gone (slots keep serving it; the package stays on disk)."""
+        if self._cpu.is_pinned(key):
+            raise AdapterPinned(key)
+        if self._cpu.remove(key) is not None:
+            self.counters.cpu_evictions += 1
+
+    async def remove(self, key: str) -> None:
+        """Deletion: gone from every tier at once (a slot still serving requests is unloaded as
+        soon as the last of them ends, and no new request can lease it)."""
+        self._generation[key] = self._generation.get(key, 0) + 1
+        self._failed.pop(key, None)
+        while self._cpu.is_pinned(key):
+            self._cpu.unpin(key)
+        self._cpu.remove(key)
+        for dev in self._devices.values():
+            if key not in dev.order and key not in dev.loading:
+                continue
+            task = dev.loading.get(key)
+            if task is not None:
+                with contextlib.suppress(CacheError, asyncio.CancelledError):
+                    await asyncio.shield(task)
+            if dev.leases.get(key):
+                dev.doomed.add(key)
+            elif key in dev.order:
+                async with dev.room:
+                    await self._unload(dev, key)
+
+    # ---- pinning and introspection ------------------------------------------------------
+    async def pin(self, key: str) -> None:
+        await self.fetch(key)
+        self._cpu.pin(key)
+
+    def unpin(self, key: str) -> None:
+        self._cpu.unpin(key)
+
+    def status(self, key: str) -> AdapterStatus:
+        tiers = [Tier.DISK]
+        backends = tuple(name for name, d in self._devices.items() if key in d.order)
+        if key in self._cpu:
+            tiers.append(Tier.CPU)
+        if backends:
+            tiers.append(Tier.DEVICE)
+        failed = self._failed.get(key)
+        if failed is not None:
+            state = State.FAILED
+        elif any(key in d.loading for d in self._devices.values()):
+            state = State.LOADING
+        elif key in self._fetching:
+            state = State.FETCHING
+        elif backends:
+            state = State.IN_SLOT
+        elif key in self._cpu:
+            state = State.IN_CPU
+        else:
+            state = State.ON_DISK
+        return AdapterStatus(
+            key=key, state=state, tiers=tuple(tiers), backends=backends, pinned=self._cpu.is_pinned(key),
+            nbytes=self._cpu.size_of(key), reason=failed[0] if failed else None,
+        )
+
+    def stats(self) -> dict:
+        c = self.counters
+        tenants: dict[str, int] = {}
+        for key in self._cpu.keys():
+            adapter = self._cpu.peek(key)
+            if adapter is not None:
+                tenants[adapter.tenant] = tenants.get(adapter.tenant, 0) + adapter.nbytes
+        return {
+            "cpu": {"bytes": self._cpu.used, "budget_bytes": self._cpu.budget, "adapters": len(self._cpu),
+                    "hits": c.cpu_hits, "misses": c.cpu_misses, "hit_rate": c.hit_rate("cpu"),
+                    "evictions": c.cpu_evictions},
+            "device": {
+                name: {"adapters": len(d.order), "free_slots": d.slots.free_slots(), "leased": sum(d.leases.values())}
+                for name, d in self._devices.items()
+            } | {"hits": c.device_hits, "misses": c.device_misses, "hit_rate": c.hit_rate("device")},
+            "fetches": c.fetches, "fetch_failures": c.fetch_failures, "loads": c.loads, "offloads": c.offloads,
+            "fetch_latency": c.fetch_latency.summary(), "load_latency": c.load_latency.summary(),
+            "tenants": {t: {"cpu_bytes": b} for t, b in sorted(tenants.items())},
+        }
+
+    def tenant_stats(self, tenant: str) -> dict:
+        keys = [k for k in self._cpu.keys() if (a := self._cpu.peek(k)) is not None and a.tenant == tenant]
+        return {"cpu_bytes": self._cpu.owner_bytes(tenant), "cpu_adapters": len(keys),
+                "cpu_share_bytes": self._cpu.owner_limit}
+
+    async def close(self) -> None:
+        for task in list(self._background) + list(self._fetching.values()):
+            task.cancel()
+        for dev in self._devices.values():
+            for task in list(dev.loading.values()):
+                task.cancel()
+
+
+def _reason(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__

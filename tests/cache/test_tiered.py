@@ -1,0 +1,173 @@
+"""The tiered cache on real TSSP packages and a real engine's adapter slots."""
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+
+from cache import AdapterBusy, AdapterCache, AdapterUnavailable, BudgetExceeded, State, Tier, UnknownAdapter
+from cache.tssp import PackageRef
+
+from .conftest import ADAPTER_BYTES
+
+
+async def test_cold_fetch_then_cpu_hit(cache: AdapterCache) -> None:
+    assert cache.status("a/ad0").state is State.ON_DISK
+    first = await cache.fetch("a/ad0")
+    again = await cache.fetch("a/ad0")
+    assert again is first
+    assert first.nbytes == ADAPTER_BYTES and first.spec.rank == 4
+    st = cache.status("a/ad0")
+    assert st.state is State.IN_CPU and st.tiers == (Tier.DISK, Tier.CPU)
+    assert cache.counters.fetches == 1 and cache.counters.cpu_hits == 1 and cache.counters.cpu_misses == 1
+
+
+async def test_hundred_concurrent_requests_share_one_fetch_and_one_load(cache: AdapterCache, slots, registry) -> None:
+    async def request() -> None:
+        async with cache.lease("a/ad1", "embedded"):
+            await asyncio.sleep(0)
+
+    await asyncio.gather(*(request() for _ in range(100)))
+    assert cache.counters.fetches == 1
+    assert slots.load_calls == 1 and registry.lookups == 1
+    assert cache.status("a/ad1").backends == ("embedded",)
+
+
+async def test_full_slots_offload_least_recent_unleased(cache: AdapterCache, slots) -> None:
+    await cache.load("a/ad0", "embedded")
+    await cache.load("a/ad1", "embedded")
+    await cache.load("a/ad0", "embedded")  # touch: ad1 is now least recent
+    await cache.load("a/ad2", "embedded")
+    assert slots.resident() == {"a/ad0", "a/ad2"}
+    assert cache.status("a/ad1").tiers == (Tier.DISK, Tier.CPU)  # offloaded, still warm in RAM
+    assert cache.counters.offloads == 1
+
+
+async def test_leased_adapters_stay_and_a_load_waits_for_a_free_slot(cache: AdapterCache, slots) -> None:
+    release = asyncio.Event()
+
+    async def hold(key: str) -> None:
+        async with cache.lease(key, "embedded"):
+            await release.wait()
+
+    holders = [asyncio.create_task(hold("a/ad0")), asyncio.create_task(hold("a/ad1"))]
+    while cache.stats()["device"]["embedded"]["leased"] < 2:
+        await asyncio.sleep(0.01)
+    waiting = asyncio.create_task(cache.load("a/ad2", "embedded"))
+    await asyncio.sleep(0.2)
+    assert not waiting.done() and slots.resident() == {"a/ad0", "a/ad1"}
+    with pytest.raises(AdapterBusy):
+        await cache.offload("a/ad0", "embedded")
+    release.set()
+    await asyncio.gather(*holders)
+    await asyncio.wait_for(waiting, 10)
+    assert "a/ad2" in slots.resident()
+
+
+async def test_verbs_are_idempotent(cache: AdapterCache, slots) -> None:
+    await cache.load("a/ad0", "embedded")
+    await cache.load("a/ad0", "embedded")
+    await cache.offload("a/ad0", "embedded")
+    await cache.offload("a/ad0", "embedded")
+    assert slots.resident() == set() and cache.status("a/ad0").state is State.IN_CPU
+    cache.evict("a/ad0")
+    cache.evict("a/ad0")
+    assert cache.status("a/ad0").state is State.ON_DISK
+    await cache.load("a/ad0", "embedded")  # warm path gone: a cold fetch again
+    assert cache.counters.fetches == 2 and slots.load_calls == 2
+
+
+async def test_cpu_budget_evicts_in_lru_order_and_pinning_raises(source) -> None:
+    c = AdapterCache(source, cpu_budget_bytes=2 * ADAPTER_BYTES, tenant_share=1.0)
+    await c.fetch("a/ad0")
+    await c.fetch("a/ad1")
+    await c.fetch("a/ad0")
+    await c.fetch("a/ad2")  # evicts ad1, the least recent
+    assert [c.status(k).state for k in ("a/ad0", "a/ad1", "a/ad2")] == [State.IN_CPU, State.ON_DISK, State.IN_CPU]
+    await c.pin("a/ad0")
+    await c.pin("a/ad2")
+    with pytest.raises(BudgetExceeded):
+        await c.fetch("a/ad3")
+    assert c.stats()["cpu"]["bytes"] <= 2 * ADAPTER_BYTES
+
+
+async def test_tenant_share_protects_other_tenants(source) -> None:
+    c = AdapterCache(source, cpu_budget_bytes=4 * ADAPTER_BYTES, tenant_share=0.5)
+    await c.fetch("b/ad4")
+    await c.fetch("b/ad5")
+    for i in range(4):  # tenant a pulls four adapters through a two-adapter share
+        await c.fetch(f"a/ad{i}")
+    assert c.status("b/ad4").state is State.IN_CPU and c.status("b/ad5").state is State.IN_CPU
+    assert c.tenant_stats("a")["cpu_bytes"] <= 2 * ADAPTER_BYTES
+
+
+async def test_corrupted_package_fails_alone(cache: AdapterCache, registry, tmp_path) -> None:
+    good = registry.refs["a/ad0"]
+    data = bytearray(good.path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    bad = tmp_path / "bad.tssp"
+    bad.write_bytes(bytes(data))
+    registry.refs["a/bad"] = PackageRef(tenant="a", path=bad, trusted_signers=good.trusted_signers)
+    with pytest.raises(AdapterUnavailable) as info:
+        await cache.load("a/bad", "embedded")
+    assert "failed verification" in info.value.reason
+    st = cache.status("a/bad")
+    assert st.state is State.FAILED and st.reason == info.value.reason
+    with pytest.raises(AdapterUnavailable):  # remembered, not retried on every request
+        await cache.fetch("a/bad")
+    await cache.load("a/ad0", "embedded")
+    assert cache.status("a/ad0").state is State.IN_SLOT
+    assert cache.counters.fetch_failures == 1
+
+
+async def test_package_of_another_tenant_is_refused(cache: AdapterCache, registry) -> None:
+    b_pkg = registry.refs["b/ad4"]
+    registry.refs["a/stolen"] = PackageRef(tenant="a", path=b_pkg.path, trusted_signers=b_pkg.trusted_signers)
+    with pytest.raises(AdapterUnavailable, match="another tenant"):
+        await cache.fetch("a/stolen")
+
+
+async def test_remove_clears_every_tier_and_waits_for_running_requests(cache: AdapterCache, slots, registry) -> None:
+    await cache.fetch("a/ad3")
+    await cache.load("a/ad0", "embedded")
+    await cache.remove("a/ad0")
+    assert "a/ad0" not in slots.resident() and cache.status("a/ad0").tiers == (Tier.DISK,)
+    started, finish = asyncio.Event(), asyncio.Event()
+
+    async def running() -> None:
+        async with cache.lease("a/ad3", "embedded"):
+            started.set()
+            await finish.wait()
+
+    task = asyncio.create_task(running())
+    await started.wait()
+    del registry.refs["a/ad3"]
+    await cache.remove("a/ad3")
+    assert "a/ad3" in slots.resident()  # still serving the request in flight
+    with pytest.raises(UnknownAdapter):
+        async with cache.lease("a/ad3", "embedded"):
+            pass
+    finish.set()
+    await task
+    assert "a/ad3" not in slots.resident()
+    with pytest.raises(UnknownAdapter):
+        await cache.fetch("a/ad3")
+
+
+async def test_prefetch_warms_ahead(cache: AdapterCache, slots) -> None:
+    await cache.prefetch("a/ad2", "embedded")
+    assert "a/ad2" in slots.resident()
+    hits = cache.counters.device_hits
+    async with cache.lease("a/ad2", "embedded"):
+        pass
+    assert cache.counters.device_hits == hits + 1
+
+
+async def test_decrypted_weights_are_never_written_to_disk(cache: AdapterCache, packages, tmp_path) -> None:
+    dirs = {p.parent for _, p in packages.values()}
+    before = {d: sorted(os.listdir(d)) for d in dirs}
+    await cache.load("a/ad0", "embedded")
+    await cache.fetch("b/ad4")
+    assert {d: sorted(os.listdir(d)) for d in dirs} == before
+    assert os.listdir(tmp_path) == []
