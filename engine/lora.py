@@ -1,9 +1,11 @@
 """Device-resident LoRA adapter slots and the per-batch heterogeneous LoRA computation.
 
-Every adapter lives in one slot of stacked tensors, per target module:
-``A[module]: [layers, in, slots, max_rank]`` and ``B[module]: [layers, slots, max_rank, out]``
+Every adapter lives in one slot of stacked tensors, per target module, in PEFT's orientation:
+``A[module]: [layers, slots, max_rank, in]`` and ``B[module]: [layers, slots, out, max_rank]``
 (B pre-multiplied by the adapter's scaling, alpha/r or alpha/sqrt(r) for rsLoRA; smaller ranks
-are zero-padded). The base model is "no slot": its rows get a zero LoRA delta.
+are zero-padded). Loading an adapter is then one batched copy per module and tensor kind, and
+only the parts a previous occupant left non-zero are cleared. The base model is "no slot": its
+rows get a zero LoRA delta.
 
 For a batch, only the k distinct adapters the rows use are gathered, once per batch
 composition, per fused projection group (q/k/v, o, gate/up, down): ``A: [k, in, m*r]`` and a
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import re
 import threading
 from collections.abc import Mapping, Sequence
@@ -97,6 +100,13 @@ class LoraBatch:
         out.index_add_(0, self.dest, y)
 
 
+@functools.lru_cache(maxsize=16384)
+def _parse_name(name: str) -> tuple[int, str, str] | None:
+    """(layer, module, "A"|"B") of a PEFT LoRA tensor name; adapters share names, so memoized."""
+    m = _NAME.search(name)
+    return None if m is None else (int(m.group(1)), m.group(2), m.group(3))
+
+
 class LoraSlots:
     """Owner of the adapter slots. Loads and unloads may come from any thread; the step thread
     only reads slots that requests hold, and a slot's version changes on every load so batch
@@ -112,13 +122,16 @@ class LoraSlots:
         self.B = {}
         for module in LORA_TARGETS:
             fan_in, fan_out = dims.projection_shape(module)
-            self.A[module] = torch.zeros((L, fan_in, slots, max_rank), dtype=dtype, device=device)
-            self.B[module] = torch.zeros((L, slots, max_rank, fan_out), dtype=dtype, device=device)
+            self.A[module] = torch.zeros((L, slots, max_rank, fan_in), dtype=dtype, device=device)
+            self.B[module] = torch.zeros((L, slots, fan_out, max_rank), dtype=dtype, device=device)
+        self._shapes = {m: dims.projection_shape(m) for m in LORA_TARGETS}
         self._lock = threading.Lock()
         self._ids: dict[str, int] = {}
         self._rank = [0] * slots
         self._targets: list[frozenset[str]] = [frozenset()] * slots
         self._version = [0] * slots
+        # per slot and module: (rank, layers) holding non-zero values, to clear on reuse
+        self._dirty: list[dict[str, tuple[int, frozenset[int]]]] = [{} for _ in range(slots)]
         # Recent batch compositions -> gathered weights (prefill and decode alternate).
         self._compositions: collections.OrderedDict[tuple, dict[str, GroupLora]] = collections.OrderedDict()
 
@@ -182,17 +195,17 @@ class LoraSlots:
             raise InvalidAdapter(f"adapter {adapter_id!r}: unsupported target modules {sorted(unknown)}", adapter_id)
         found: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
         for name, t in tensors.items():
-            m = _NAME.search(name)
-            if m is None:
+            parsed = _parse_name(name)
+            if parsed is None:
                 raise InvalidAdapter(f"adapter {adapter_id!r}: unexpected tensor {name!r}", adapter_id)
-            layer, module, which = int(m.group(1)), m.group(2), m.group(3)
+            layer, module, which = parsed
             if module not in config.target_modules:
                 raise InvalidAdapter(f"adapter {adapter_id!r}: tensor {name!r} targets {module}, not in target_modules", adapter_id)
             if layer >= dims.num_layers:
                 raise InvalidAdapter(f"adapter {adapter_id!r}: layer {layer} >= num_layers {dims.num_layers}", adapter_id)
-            fan_in, fan_out = dims.projection_shape(module)
+            fan_in, fan_out = self._shapes[module]
             want = (config.rank, fan_in) if which == "A" else (fan_out, config.rank)
-            if tuple(t.shape) != want:
+            if t.shape != want:
                 raise InvalidAdapter(
                     f"adapter {adapter_id!r}: {name} has shape {tuple(t.shape)}, expected {want}", adapter_id
                 )
@@ -209,24 +222,31 @@ class LoraSlots:
     @torch.no_grad()
     def _write(self, slot: int, per_module: dict, config: AdapterConfig) -> None:
         r, scale = config.rank, config.scaling
+        dirty = self._dirty[slot]
         for module in LORA_TARGETS:
-            a_dst = self.A[module][:, :, slot, :]  # [L, in, max_rank]
-            b_dst = self.B[module][:, slot, :, :]  # [L, max_rank, out]
-            layers = per_module.get(module)
-            a_dst.zero_()
-            b_dst.zero_()
-            if not layers:
-                continue
+            A, B = self.A[module], self.B[module]
+            layers = per_module.get(module, {})
             idx = sorted(layers)
-            a = torch.stack([layers[i][0].t() for i in idx]).to(self.dtype)  # [n, in, r]
-            b = torch.stack([layers[i][1].t() for i in idx]).to(torch.float32).mul_(scale).to(self.dtype)
+            old_rank, old_layers = dirty.pop(module, (0, frozenset()))
+            # clear what the previous occupant left and this adapter does not overwrite
+            for layer in old_layers:
+                keep = r if layer in layers else 0
+                if old_rank > keep:
+                    A[layer, slot, keep:old_rank].zero_()
+                    B[layer, slot, :, keep:old_rank].zero_()
+            if not idx:
+                continue
             if len(idx) == self.dims.num_layers:
-                a_dst[:, :, :r].copy_(a)
-                b_dst[:, :r, :].copy_(b)
+                a_dst = A[:, slot, :r].unbind(0)
+                b_dst = B[:, slot, :, :r].unbind(0)
             else:
-                sel = torch.tensor(idx, device=a_dst.device)
-                a_dst[:, :, :r].index_copy_(0, sel, a.to(a_dst.device))
-                b_dst[:, :r, :].index_copy_(0, sel, b.to(b_dst.device))
+                a_dst = [A[i, slot, :r] for i in idx]
+                b_dst = [B[i, slot, :, :r] for i in idx]
+            torch._foreach_copy_(a_dst, [layers[i][0] for i in idx])
+            torch._foreach_copy_(b_dst, [layers[i][1] for i in idx])
+            if scale != 1.0:
+                torch._foreach_mul_(b_dst, scale)
+            dirty[module] = (r, frozenset(idx))
 
     # ---- batching -----------------------------------------------------------------------
     def batch(self, token_slots: Sequence[int]) -> LoraBatch | None:
@@ -259,13 +279,13 @@ class LoraSlots:
             if not active:
                 continue
             outs = [self.dims.projection_shape(m)[1] for m in modules]
-            # A[m]: [L, in, slots, max_rank] -> [L, k, in, rank], side by side over modules
-            a = torch.cat([self.A[m].index_select(2, sel)[..., :rank].permute(0, 2, 1, 3) for m in active], dim=3)
+            # A[m]: [L, slots, max_rank, in] -> [L, k, in, rank], side by side over modules
+            a = torch.cat([self.A[m].index_select(1, sel)[:, :, :rank].transpose(2, 3) for m in active], dim=3)
             b = torch.zeros((L, k, len(active) * rank, sum(outs)), dtype=self.dtype, device=device)
             for j, m in enumerate(active):
                 col = sum(outs[: modules.index(m)])
                 b[:, :, j * rank : (j + 1) * rank, col : col + outs[modules.index(m)]] = (
-                    self.B[m].index_select(1, sel)[:, :, :rank, :]
+                    self.B[m].index_select(1, sel)[..., :rank].transpose(2, 3)
                 )
             groups[group] = GroupLora(a=a.contiguous(), b=b)
         return groups
