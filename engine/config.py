@@ -35,6 +35,8 @@ class EngineConfig:
     max_queue: int = 256
     #: Prompt tokens processed per engine step (long prompts are chunked so decode keeps going).
     prefill_chunk_tokens: int = 512
+    #: Prompt-prefix KV reuse: tokens of full 16-token prompt blocks kept for reuse (0 = off).
+    prefix_cache_tokens: int = 2048
     #: Device-resident LoRA adapter slots and the largest rank a slot holds.
     max_loras: int = 16
     max_lora_rank: int = 16

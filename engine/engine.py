@@ -32,6 +32,7 @@ from .model.checkpoint import resolve_checkpoint
 from .model.llama import LlamaModel
 from .model.rope import Rope
 from .model.weights import load_weights
+from .prefix_cache import BLOCK, PrefixCache
 from .scheduler import Scheduler
 from .sequence import Sequence
 from .stops import StopMatcher
@@ -87,8 +88,11 @@ class Engine:
         rope = Rope(checkpoint, self.max_model_len, self.dtype, self.device)
         self.model = LlamaModel(weights, rope, self.cache)
         self.name = config.model if "/" not in config.model else checkpoint.name
+        blocks = config.prefix_cache_tokens // BLOCK
+        self.prefixes = PrefixCache(self.cache, blocks) if blocks else None
         self._scheduler = Scheduler(
-            self.model, self.cache, self.lora, self.tokenizer, config.prefill_chunk_tokens, self.device, self._released
+            self.model, self.cache, self.lora, self.tokenizer, config.prefill_chunk_tokens, self.device,
+            self._released, self.prefixes,
         )
         self._lock = threading.Lock()
         self._inflight: set[str] = set()

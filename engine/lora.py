@@ -147,6 +147,10 @@ class LoraSlots:
             except KeyError:
                 raise AdapterNotFound(adapter_id) from None
 
+    def version(self, slot: int) -> int:
+        """Changes whenever the slot's contents change (prefix-cache keys depend on it)."""
+        return self._version[slot]
+
     def free(self) -> int:
         with self._lock:
             return self.num_slots - len(self._ids)

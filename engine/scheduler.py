@@ -16,6 +16,7 @@ import torch
 from .kv_cache import KVCache
 from .lora import LoraSlots
 from .model.llama import LlamaModel
+from .prefix_cache import PrefixCache
 from .sampling import sample
 from .sequence import Phase, Sequence
 from .tokenizer import Tokenizer
@@ -34,6 +35,7 @@ class Scheduler:
         prefill_chunk_tokens: int,
         device: torch.device,
         on_finish: Callable[[Sequence], None],
+        prefixes: PrefixCache | None = None,
     ) -> None:
         self.model = model
         self.cache = cache
@@ -42,6 +44,7 @@ class Scheduler:
         self.chunk_tokens = prefill_chunk_tokens
         self.device = device
         self.on_finish = on_finish
+        self.prefixes = prefixes
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: dict[int, Sequence] = {}  # slot -> sequence
         self.by_id: dict[str, Sequence] = {}
@@ -73,6 +76,13 @@ class Scheduler:
             self.cache.prepare(seq.slot)
             seq.phase = Phase.PREFILL
             self.running[seq.slot] = seq
+            if self.prefixes is not None:
+                seq.computed = self.prefixes.restore(seq.slot, self._namespace(seq), seq.prompt_ids)
+
+    def _namespace(self, seq: Sequence) -> str:
+        slot = seq.adapter_slot
+        version = self.lora.version(slot) if slot >= 0 else 0
+        return f"{slot}:{version}:{seq.request.cache_salt}"
 
     def _finish(self, seq: Sequence, reason: FinishReason, emit: Emit, text: str = "", token: int | None = None) -> None:
         if seq.phase is Phase.DONE:
@@ -136,6 +146,8 @@ class Scheduler:
             seq.computed += n
             if seq.computed == seq.prompt_len:
                 done.append(row)
+                if self.prefixes is not None:
+                    self.prefixes.store(seq.slot, self._namespace(seq), seq.prompt_ids)
         if done:
             rows = [batch[r][0] for r in done]
             logits = self.model.logits(hidden[torch.tensor(done, device=dev)])

@@ -44,6 +44,9 @@ class GenerationRequest:
     prompt: str | None = None
     prompt_token_ids: Sequence[int] | None = None
     adapter_id: str | None = None  # None = the base model
+    #: Prompt-prefix reuse only happens between requests with the same salt (the gateway uses
+    #: the tenant), so timing cannot reveal another tenant's prompts.
+    cache_salt: str = ""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

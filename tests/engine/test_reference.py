@@ -126,3 +126,26 @@ def test_last_position_logits_match_peft(checkpoint: Path, peft_dirs, reference,
     logits = model.logits(hidden)[0]
     rel = (logits - ref_logits).abs().max() / ref_logits.abs().max()
     assert rel < 1e-3, f"relative logit error {rel:.2e}"
+
+
+@pytest.mark.slow
+async def test_prefix_reuse_gives_identical_tokens_and_respects_salt_and_adapter(loaded: Engine, reference) -> None:
+    prefixes = loaded.prefixes
+    assert prefixes is not None
+    prompt = "Explain photosynthesis to a child in a few sentences, please."
+
+    async def once(rid: str, adapter: str | None, salt: str) -> list[int]:
+        req = GenerationRequest(request_id=rid, messages=[ChatMessage("user", prompt)], sampling=greedy(),
+                                adapter_id=adapter, cache_salt=salt)
+        return await run(loaded, req)
+
+    cold = await once("p1", "r8_attn", "tenant-a")
+    after_cold = prefixes.hits
+    warm = await once("p2", "r8_attn", "tenant-a")
+    assert warm == cold
+    assert prefixes.hits > after_cold  # the second request reused the first one's prompt blocks
+    other_salt = prefixes.hits
+    assert await once("p3", "r8_attn", "tenant-b") == cold
+    other_adapter = await once("p4", "r4_qv", "tenant-a")
+    assert prefixes.hits == other_salt  # neither another tenant nor another adapter hit those blocks
+    assert other_adapter != cold
