@@ -10,10 +10,12 @@ import asyncio
 import collections
 import itertools
 import logging
+import os
 import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
 
 import torch
 
@@ -58,6 +60,14 @@ def _pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if _cpu_has_fast_bf16() else torch.float32
 
 
+def _use_compile_cache(model_cache: Path) -> None:
+    """Keep inductor's compiled kernels next to the converted models, so a second start of the
+    compiled mode reuses them."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(model_cache.parent / "inductor"))
+    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+
+
 def _cpu_has_fast_bf16() -> bool:
     """AMX or AVX512-BF16 make bf16 matmuls about 2x fp32; without them (AVX2 only) bf16 is
     emulated and several times slower than fp32."""
@@ -87,6 +97,9 @@ class Engine:
         self.lora = LoraSlots(dims, config.max_loras, config.max_lora_rank, self.dtype, self.device)
         rope = Rope(checkpoint, self.max_model_len, self.dtype, self.device)
         self.model = LlamaModel(weights, rope, self.cache)
+        if config.mode == "compile":
+            _use_compile_cache(config.cache_dir)
+            self.model.compile()
         self.name = config.model if "/" not in config.model else checkpoint.name
         blocks = config.prefix_cache_tokens // BLOCK
         self.prefixes = PrefixCache(self.cache, blocks) if blocks else None

@@ -87,24 +87,33 @@ class LlamaModel:
         """tokens/positions: [N] for slots 0..N-1 (position = index the new token is written at).
         ``ctx_len`` >= max(positions) + 1. Returns the hidden states [N, hidden]."""
         n = tokens.shape[0]
-        d = self.dims
-        rows = torch.arange(n, device=tokens.device)
         keys = torch.arange(ctx_len, device=tokens.device)
         mask = (keys[None, :] <= positions[:, None]).view(n, 1, 1, ctx_len)
+        return self._decode_body(self.w.embed[tokens], positions, mask, lora)
+
+    def _decode_body(
+        self, h: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, lora: LoraBatch | None
+    ) -> torch.Tensor:
+        # Sizes come from tensor shapes only, so a compiled version (compile()) treats batch
+        # size and context length as dynamic instead of recompiling for each value.
+        d = self.dims
         kc, vc = self.cache.k, self.cache.v
+        rows = torch.arange(h.shape[0], device=h.device)
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            n, ctx = q.shape[0], mask.shape[-1]
             kl, vl = kc[layer], vc[layer]
             kl[rows, :, positions] = k
             vl[rows, :, positions] = v
             qg = q.view(n, d.num_kv_heads, self.group, d.head_dim)
-            out = F.scaled_dot_product_attention(
-                qg, kl[:n, :, :ctx_len], vl[:n, :, :ctx_len], attn_mask=mask, scale=self.scale
-            )
+            out = F.scaled_dot_product_attention(qg, kl[:n, :, :ctx], vl[:n, :, :ctx], attn_mask=mask, scale=self.scale)
             return out.reshape(n, d.q_size)
 
-        h = self.w.embed[tokens]
         return self._layers(h, positions, attend, lora)
+
+    def compile(self) -> None:
+        """torch.compile the decode step (dynamic shapes; inductor keeps its cache on disk)."""
+        self._decode_body = torch.compile(self._decode_body, dynamic=True)
 
     # ---- prefill ----------------------------------------------------------------------
     @torch.inference_mode()
