@@ -1,0 +1,124 @@
+"""The embedded engine (engine/) behind the Backend interface."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import engine as eng
+
+from .base import BackendChunk, BackendRequest, Capacity, Health, LoraConfig
+from .errors import AdapterProblem, BackendOverloaded, BackendUnavailable, BadRequest, ContextTooLong
+
+_ADAPTER_KINDS: dict[type, str] = {
+    eng.AdapterNotFound: "not_found", eng.AdapterSlotsFull: "slots_full", eng.AdapterRankTooLarge: "rank_too_large",
+    eng.AdapterInUse: "in_use", eng.AdapterExists: "exists", eng.InvalidAdapter: "invalid",
+}
+
+
+def _translate(exc: eng.EngineError) -> Exception:
+    if isinstance(exc, eng.EngineOverloaded):
+        return BackendOverloaded(str(exc))
+    if isinstance(exc, eng.EngineClosed):
+        return BackendUnavailable(str(exc))
+    if isinstance(exc, eng.ContextLengthExceeded):
+        return ContextTooLong(str(exc), param=exc.param)
+    if isinstance(exc, eng.InvalidRequest):
+        return BadRequest(str(exc), param=exc.param)
+    if isinstance(exc, eng.AdapterError):
+        return AdapterProblem(str(exc), exc.adapter_id, _ADAPTER_KINDS.get(type(exc), "invalid"))
+    return BackendUnavailable(str(exc))
+
+
+class EmbeddedBackend:
+    """Owns one :class:`engine.Engine`; the model loads in a worker thread on ``start``."""
+
+    def __init__(self, config: eng.EngineConfig, name: str = "embedded") -> None:
+        self.name = name
+        self.config = config
+        self.engine: eng.Engine | None = None
+
+    async def start(self) -> None:
+        if self.engine is None:
+            engine = await asyncio.to_thread(eng.Engine, self.config)
+            engine.start()
+            self.engine = engine
+
+    async def close(self) -> None:
+        if self.engine is not None:
+            engine, self.engine = self.engine, None
+            await asyncio.to_thread(engine.shutdown)
+
+    def _engine(self) -> eng.Engine:
+        if self.engine is None:
+            raise BackendUnavailable("the embedded engine is not running")
+        return self.engine
+
+    async def generate(self, request: BackendRequest) -> AsyncIterator[BackendChunk]:
+        engine = self._engine()
+        s = request.sampling
+        messages = None
+        if request.messages is not None:
+            messages = [eng.ChatMessage(role=m.role, content=m.content) for m in request.messages]
+        ereq = eng.GenerationRequest(
+            request_id=request.request_id,
+            sampling=eng.SamplingParams(
+                max_tokens=s.max_tokens or 1, temperature=s.temperature, top_p=s.top_p, seed=s.seed,
+                stop=s.stop, ignore_eos=s.ignore_eos,
+            ),
+            messages=messages, prompt=request.prompt, prompt_token_ids=request.prompt_token_ids,
+            adapter_id=request.adapter_id, cache_salt=request.cache_salt,
+        )
+        if s.max_tokens is None:  # fill what the context leaves
+            room = engine.max_model_len - engine.count_tokens(ereq)
+            ereq = dataclasses.replace(ereq, sampling=dataclasses.replace(ereq.sampling, max_tokens=max(1, room)))
+        stream = engine.generate(ereq)
+        try:
+            while True:
+                try:
+                    chunk = await anext(stream)
+                except StopAsyncIteration:
+                    return
+                except eng.EngineError as exc:
+                    raise _translate(exc) from None
+                reason = chunk.finish_reason.value if chunk.finish_reason is not None else None
+                yield BackendChunk(chunk.text, chunk.prompt_tokens, chunk.completion_tokens, reason)
+        finally:
+            await stream.aclose()
+
+    def abort(self, request_id: str) -> None:
+        if self.engine is not None:
+            self.engine.abort(request_id)
+
+    async def load_adapter(self, adapter_id: str, tensors: Mapping[str, Any], config: LoraConfig) -> None:
+        engine = self._engine()
+        econfig = eng.AdapterConfig(rank=config.rank, alpha=config.alpha, target_modules=config.target_modules,
+                                    use_rslora=config.use_rslora)
+        try:
+            await asyncio.to_thread(engine.load_adapter, adapter_id, tensors, econfig)
+        except eng.EngineError as exc:
+            raise _translate(exc) from None
+
+    async def unload_adapter(self, adapter_id: str) -> None:
+        try:
+            self._engine().unload_adapter(adapter_id)
+        except eng.EngineError as exc:
+            raise _translate(exc) from None
+
+    def adapters(self) -> list[str]:
+        return self.engine.adapters() if self.engine is not None else []
+
+    async def health(self) -> Health:
+        if self.engine is None:
+            return Health(ok=False, model=self.config.model, max_model_len=0, detail="not started")
+        info = self.engine.info()
+        return Health(ok=True, model=info.name, max_model_len=info.max_model_len,
+                      detail=f"{info.device}/{info.dtype}")
+
+    def capacity(self) -> Capacity:
+        if self.engine is None:
+            return Capacity(0, 0, 0, 0, 0)
+        c = self.engine.capacity()
+        return Capacity(c.free_sequence_slots, c.free_adapter_slots, c.queue_depth, c.max_sequence_slots,
+                        c.max_adapter_slots)

@@ -1,0 +1,147 @@
+"""A backend that produces tokens instantly (or after a fixed delay per token) with real slot,
+queue and adapter bookkeeping: it measures the gateway's own overhead and lets the API tests run
+without a model. It honours max_tokens, stop strings, the context limit and the queue bound
+exactly like a real backend, so the contract suite holds for it too."""
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from .base import BackendChunk, BackendRequest, Capacity, Health, LoraConfig
+from .errors import AdapterProblem, BackendOverloaded, BackendUnavailable, BadRequest, ContextTooLong
+
+WORD = "tok"
+
+
+class NullBackend:
+    def __init__(self, *, model: str = "null", tokens: int = 16, token_delay_s: float = 0.0, max_num_seqs: int = 32,
+                 max_queue: int = 256, max_model_len: int = 2048, max_loras: int = 16, max_lora_rank: int = 16,
+                 name: str = "null") -> None:
+        self.name = name
+        self.model = model
+        self.tokens = tokens
+        self.token_delay_s = token_delay_s
+        self.max_num_seqs = max_num_seqs
+        self.max_queue = max_queue
+        self.max_model_len = max_model_len
+        self.max_loras = max_loras
+        self.max_lora_rank = max_lora_rank
+        self._running = False
+        self._slots: asyncio.Semaphore | None = None
+        self._active = 0
+        self._waiting = 0
+        self._adapters: dict[str, LoraConfig] = {}
+        self._users: collections.Counter[str] = collections.Counter()
+        self._aborted: set[str] = set()
+
+    async def start(self) -> None:
+        self._slots = asyncio.Semaphore(self.max_num_seqs)
+        self._running = True
+
+    async def close(self) -> None:
+        self._running = False
+
+    @staticmethod
+    def count_tokens(request: BackendRequest) -> int:
+        if request.prompt_token_ids is not None:
+            return len(request.prompt_token_ids)
+        if request.messages is not None:
+            return sum(len(m.content.split()) + 4 for m in request.messages) + 2
+        return len((request.prompt or "").split())
+
+    async def generate(self, request: BackendRequest) -> AsyncIterator[BackendChunk]:
+        if not self._running or self._slots is None:
+            raise BackendUnavailable("the null backend is not running")
+        s = request.sampling
+        if s.max_tokens is None:
+            s = dataclasses.replace(s, max_tokens=self.tokens)
+            request = dataclasses.replace(request, sampling=s)
+        if s.max_tokens < 1:
+            raise BadRequest(f"max_tokens must be >= 1, got {s.max_tokens}", param="max_tokens")
+        prompt_tokens = self.count_tokens(request)
+        if prompt_tokens == 0:
+            raise BadRequest("the prompt is empty", param="prompt")
+        if prompt_tokens + s.max_tokens > self.max_model_len:
+            raise ContextTooLong(f"prompt of {prompt_tokens} tokens plus max_tokens {s.max_tokens} exceeds the "
+                                 f"context length {self.max_model_len}", param="max_tokens")
+        adapter = request.adapter_id
+        if adapter is not None and adapter not in self._adapters:
+            raise AdapterProblem(f"adapter {adapter!r} is not loaded", adapter, "not_found")
+        if self._active >= self.max_num_seqs and self._waiting >= self.max_queue:
+            raise BackendOverloaded(f"{self._waiting} requests already waiting (max_queue {self.max_queue})")
+        if adapter is not None:
+            self._users[adapter] += 1
+        self._waiting += 1
+        try:
+            try:
+                await self._slots.acquire()
+            finally:
+                self._waiting -= 1
+            self._active += 1
+            try:
+                async for chunk in self._tokens(request, prompt_tokens):
+                    yield chunk
+            finally:
+                self._active -= 1
+                self._slots.release()
+                self._aborted.discard(request.request_id)
+        finally:
+            if adapter is not None:
+                self._users[adapter] -= 1
+                if not self._users[adapter]:
+                    del self._users[adapter]
+
+    async def _tokens(self, request: BackendRequest, prompt_tokens: int) -> AsyncIterator[BackendChunk]:
+        s = request.sampling
+        n = s.max_tokens if s.ignore_eos else min(s.max_tokens, self.tokens)
+        text_so_far = ""
+        for i in range(1, n + 1):
+            if self.token_delay_s:
+                await asyncio.sleep(self.token_delay_s)
+            if request.request_id in self._aborted:
+                yield BackendChunk("", prompt_tokens, i - 1, "abort")
+                return
+            piece = WORD if i == 1 else " " + WORD
+            text_so_far += piece
+            hit = next((stop for stop in s.stop if stop in text_so_far), None)
+            if hit is not None:
+                cut = text_so_far.index(hit)
+                yield BackendChunk(piece[: max(0, len(piece) - (len(text_so_far) - cut))], prompt_tokens, i, "stop")
+                return
+            reason = None if i < n else ("length" if n == s.max_tokens else "stop")
+            yield BackendChunk(piece, prompt_tokens, i, reason)
+
+    def abort(self, request_id: str) -> None:
+        self._aborted.add(request_id)
+
+    async def load_adapter(self, adapter_id: str, tensors: Mapping[str, Any], config: LoraConfig) -> None:
+        if adapter_id in self._adapters:
+            raise AdapterProblem(f"adapter {adapter_id!r} is already loaded", adapter_id, "exists")
+        if config.rank > self.max_lora_rank:
+            raise AdapterProblem(f"adapter {adapter_id!r}: rank {config.rank} exceeds max_lora_rank "
+                                 f"{self.max_lora_rank}", adapter_id, "rank_too_large")
+        if len(self._adapters) >= self.max_loras:
+            raise AdapterProblem(f"cannot load adapter {adapter_id!r}: all {self.max_loras} adapter slots are in use",
+                                 adapter_id, "slots_full")
+        self._adapters[adapter_id] = config
+
+    async def unload_adapter(self, adapter_id: str) -> None:
+        if adapter_id not in self._adapters:
+            raise AdapterProblem(f"adapter {adapter_id!r} is not loaded", adapter_id, "not_found")
+        if self._users.get(adapter_id):
+            raise AdapterProblem(f"adapter {adapter_id!r} is used by {self._users[adapter_id]} request(s); "
+                                 "unload refused", adapter_id, "in_use")
+        del self._adapters[adapter_id]
+
+    def adapters(self) -> list[str]:
+        return list(self._adapters)
+
+    async def health(self) -> Health:
+        return Health(ok=self._running, model=self.model, max_model_len=self.max_model_len, detail="null")
+
+    def capacity(self) -> Capacity:
+        return Capacity(self.max_num_seqs - self._active, self.max_loras - len(self._adapters), self._waiting,
+                        self.max_num_seqs, self.max_loras)

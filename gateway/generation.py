@@ -1,0 +1,253 @@
+"""Chat and text completions: parse, resolve the model, run the backend, answer as JSON or SSE.
+
+Streaming waits for the first chunk before sending headers, so a refused request (queue full,
+context too long) still gets its proper status. While waiting, a client disconnect or the
+request timeout aborts the generation; once streaming, Starlette cancels the body iterator on
+disconnect and closing the backend stream aborts it, freeing the batch slot at once.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from . import errors
+from .auth import Principal
+from .backends import errors as backend_errors
+from .backends.base import Backend, BackendChunk, BackendRequest, Message, Sampling
+from .models import ModelTable, Route
+from .protocol import ChatRequest, CompletionRequest, parse_chat, parse_completion
+from .protocol import responses as wire
+
+log = logging.getLogger("tensafe.gateway")
+T = TypeVar("T")
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+class ClientGone(Exception):
+    """The client disconnected before the response started."""
+
+
+def api_error(exc: backend_errors.BackendError, retry_after: int) -> errors.ApiError:
+    """The one translation from backend errors to API errors."""
+    if isinstance(exc, backend_errors.BackendOverloaded):
+        return errors.Overloaded("The server is overloaded; retry shortly.", retry_after=retry_after)
+    if isinstance(exc, backend_errors.ContextTooLong):
+        return errors.InvalidRequest(f"This model's maximum context length was exceeded: {exc}.",
+                                     param=exc.param, code="context_length_exceeded")
+    if isinstance(exc, backend_errors.BadRequest):
+        return errors.InvalidRequest(str(exc), param=exc.param, code="invalid_value")
+    if isinstance(exc, backend_errors.AdapterProblem):
+        return errors.Overloaded("The adapter is not available right now; retry shortly.",
+                                 code="adapter_unavailable", retry_after=retry_after)
+    return errors.Overloaded("The model backend is unavailable.", code="backend_unavailable",
+                             retry_after=retry_after)
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise errors.PayloadTooLarge(f"Request body of {declared} bytes exceeds the limit of {limit} bytes.")
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > limit:
+            raise errors.PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes.")
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise errors.InvalidRequest("We could not parse the JSON body of your request. The body must be valid "
+                                    "JSON.", code="invalid_json") from None
+
+
+async def _until_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def guarded(request: Request, awaitable: Awaitable[T], deadline: float) -> T:
+    """Await ``awaitable`` unless the client disconnects (ClientGone) or the deadline passes
+    (a 504); either way the awaitable is cancelled."""
+    work = asyncio.ensure_future(awaitable)
+    watcher = asyncio.ensure_future(_until_disconnect(request))
+    try:
+        done, _ = await asyncio.wait((work, watcher), timeout=max(0.0, deadline - time.monotonic()),
+                                     return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if work in done:
+        return work.result()
+    work.cancel()
+    try:
+        await work
+    except (asyncio.CancelledError, Exception):  # noqa: BLE001 - we are abandoning it
+        pass
+    if watcher in done:
+        raise ClientGone()
+    raise errors.Timeout("The request timed out.", code="timeout")
+
+
+class Completions:
+    def __init__(self, backend: Backend, models: ModelTable, *, max_body_bytes: int, request_timeout_s: float,
+                 retry_after_s: int) -> None:
+        self.backend = backend
+        self.models = models
+        self.max_body_bytes = max_body_bytes
+        self.timeout = request_timeout_s
+        self.retry_after = retry_after_s
+
+    async def chat(self, request: Request, principal: Principal) -> Response:
+        params = parse_chat(await read_json(request, self.max_body_bytes))
+        messages = tuple(Message(m.role, m.content) for m in params.messages)  # type: ignore[arg-type]
+        return await self._run(request, principal, params, "chatcmpl-", dict(messages=messages))
+
+    async def completions(self, request: Request, principal: Principal) -> Response:
+        params = parse_completion(await read_json(request, self.max_body_bytes))
+        return await self._run(request, principal, params, "cmpl-",
+                               dict(prompt=params.prompt, prompt_token_ids=params.prompt_token_ids))
+
+    async def _run(self, request: Request, principal: Principal, params: ChatRequest | CompletionRequest,
+                   prefix: str, inputs: dict[str, Any]) -> Response:
+        state = request.state
+        deadline = time.monotonic() + self.timeout
+        if params.ignored:
+            state.ignored_fields = list(params.ignored)
+            log.info("request %s: ignored fields not defined by OpenAI: %s", state.request_id,
+                     ", ".join(f[:64] for f in params.ignored[:20]))
+        route = self.models.resolve(params.model, principal)
+        state.model, state.adapter = route.model, route.model if route.adapter_id else None
+        rid = prefix + uuid.uuid4().hex
+        breq = BackendRequest(
+            request_id=rid,
+            sampling=Sampling(max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
+                              seed=params.seed, stop=params.stop),
+            adapter_id=route.adapter_id, cache_salt=principal.tenant, **inputs,
+        )
+        started = time.perf_counter()
+        stream = aiter(self.backend.generate(breq))
+        try:
+            first = await guarded(request, anext(stream, None), deadline)
+        except ClientGone:
+            await stream.aclose()
+            state.error_code = "client_disconnected"
+            return Response(status_code=499)
+        except backend_errors.BackendError as exc:
+            await stream.aclose()
+            raise api_error(exc, self.retry_after) from None
+        except BaseException:
+            await stream.aclose()
+            raise
+        state.ttft_ms = round((time.perf_counter() - started) * 1000, 3)
+        headers = {"x-tensafe-adapter": route.model if route.adapter_id else ""}
+        if not headers["x-tensafe-adapter"]:
+            del headers["x-tensafe-adapter"]
+        created = int(time.time())
+        chat = isinstance(params, ChatRequest)
+        if params.stream:
+            events = (self._chat_events if chat else self._completion_events)(
+                request, stream, first, rid, created, route, params.include_usage, deadline)
+            return StreamingResponse(events, media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
+        try:
+            text, last = await guarded(request, _collect(stream, first), deadline)
+        except ClientGone:
+            state.error_code = "client_disconnected"
+            return Response(status_code=499)
+        except backend_errors.BackendError as exc:
+            raise api_error(exc, self.retry_after) from None
+        finally:
+            await stream.aclose()
+        self._account(state, last)
+        reason = _finish(last)
+        body = (wire.chat_completion if chat else wire.completion)(
+            rid, created, route.model, text, reason, last.prompt_tokens, last.completion_tokens)
+        return JSONResponse(body, headers=headers)
+
+    @staticmethod
+    def _account(state: Any, last: BackendChunk | None) -> None:
+        if last is not None:
+            state.prompt_tokens, state.completion_tokens = last.prompt_tokens, last.completion_tokens
+            state.finish_reason = last.finish_reason
+
+    async def _events(self, request: Request, stream: AsyncIterator[BackendChunk], first: BackendChunk | None,
+                      deadline: float, render: Callable[[BackendChunk, bool], dict[str, Any]],
+                      usage: Callable[[BackendChunk], dict[str, Any]] | None) -> AsyncIterator[bytes]:
+        state = request.state
+        chunk, last, is_first = first, first, True
+        try:
+            while chunk is not None:
+                last = chunk
+                yield wire.sse(render(chunk, is_first))
+                is_first = False
+                if chunk.finish_reason is not None:
+                    break
+                try:
+                    async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                        chunk = await anext(stream, None)
+                except TimeoutError:
+                    state.error_code = "timeout"
+                    yield wire.sse(errors.Timeout("The request timed out.", code="timeout").body())
+                    return
+                except backend_errors.BackendError as exc:
+                    error = api_error(exc, self.retry_after)
+                    state.error_code = error.code
+                    yield wire.sse(error.body())
+                    return
+            if usage is not None and last is not None:
+                yield wire.sse(usage(last))
+            yield wire.DONE
+        finally:
+            self._account(state, last)
+            await stream.aclose()
+
+    def _chat_events(self, request: Request, stream: AsyncIterator[BackendChunk], first: BackendChunk | None,
+                     rid: str, created: int, route: Route, include_usage: bool, deadline: float):
+        model = route.model
+
+        def render(chunk: BackendChunk, is_first: bool) -> dict[str, Any]:
+            delta: dict[str, Any] = {"role": "assistant", "content": chunk.text} if is_first else (
+                {"content": chunk.text} if chunk.text else {})
+            return wire.chat_chunk(rid, created, model, delta, _finish(chunk) if chunk.finish_reason else None,
+                                   include_usage)
+
+        usage = (lambda c: wire.chat_usage_chunk(rid, created, model, c.prompt_tokens, c.completion_tokens)) \
+            if include_usage else None
+        return self._events(request, stream, first, deadline, render, usage)
+
+    def _completion_events(self, request: Request, stream: AsyncIterator[BackendChunk], first: BackendChunk | None,
+                           rid: str, created: int, route: Route, include_usage: bool, deadline: float):
+        model = route.model
+
+        def render(chunk: BackendChunk, is_first: bool) -> dict[str, Any]:
+            body = wire.completion(rid, created, model, chunk.text, _finish(chunk) if chunk.finish_reason else None)
+            if include_usage:
+                body["usage"] = None
+            return body
+
+        usage = (lambda c: wire.completion_usage_chunk(rid, created, model, c.prompt_tokens, c.completion_tokens)) \
+            if include_usage else None
+        return self._events(request, stream, first, deadline, render, usage)
+
+
+async def _collect(stream: AsyncIterator[BackendChunk], first: BackendChunk | None) -> tuple[str, BackendChunk]:
+    if first is None:
+        raise errors.ApiError("The backend ended the stream without a result.", code="backend_error")
+    parts, last = [first.text], first
+    while last.finish_reason is None:
+        chunk = await anext(stream, None)
+        if chunk is None:
+            break
+        parts.append(chunk.text)
+        last = chunk
+    return "".join(parts), last
+
+
+def _finish(chunk: BackendChunk) -> str:
+    # "abort" only happens when we stopped it ourselves (timeout, shutdown); report it as length
+    return "stop" if chunk.finish_reason == "stop" else "length"

@@ -1,0 +1,69 @@
+"""OpenAI response bodies and server-sent events, as plain dicts/bytes (validated against
+OpenAI's published schemas in the tests)."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+DONE = b"data: [DONE]\n\n"
+
+
+def sse(payload: dict[str, Any]) -> bytes:
+    return b"data: " + _dumps(payload).encode() + b"\n\n"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def model_card(model_id: str, created: int, owned_by: str) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": created, "owned_by": owned_by}
+
+
+def model_list(cards: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"object": "list", "data": cards}
+
+
+def chat_completion(rid: str, created: int, model: str, text: str, finish_reason: str,
+                    prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    return {
+        "id": rid, "object": "chat.completion", "created": created, "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+                     "logprobs": None, "finish_reason": finish_reason}],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
+
+
+def chat_chunk(rid: str, created: int, model: str, delta: dict[str, Any], finish_reason: str | None,
+               with_usage: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+    }
+    if with_usage:
+        out["usage"] = None
+    return out
+
+
+def chat_usage_chunk(rid: str, created: int, model: str, prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [],
+            "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def completion(rid: str, created: int, model: str, text: str, finish_reason: str | None,
+               prompt_tokens: int | None = None, completion_tokens: int | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "id": rid, "object": "text_completion", "created": created, "model": model,
+        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+    }
+    if prompt_tokens is not None and completion_tokens is not None:
+        out["usage"] = usage(prompt_tokens, completion_tokens)
+    return out
+
+
+def completion_usage_chunk(rid: str, created: int, model: str, prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [],
+            "usage": usage(prompt_tokens, completion_tokens)}

@@ -1,0 +1,126 @@
+"""One frozen Settings object, parsed once at start-up from (highest first) CLI flags,
+``TENSAFE_*`` environment variables, an optional TOML file, and the defaults below."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from engine.config import DEFAULT_MODEL, EngineConfig, default_cache_dir
+
+ENV_PREFIX = "TENSAFE_"
+
+
+class SettingsError(ValueError):
+    def __init__(self, name: str, message: str) -> None:
+        self.name = name
+        super().__init__(f"setting {name}: {message}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    # serving
+    host: str = "127.0.0.1"
+    port: int = 8000
+    dev: bool = False  # development mode: prints the demo key and an example at start-up
+    data_dir: Path = Path(".data")
+    log_level: str = "info"
+    access_log: bool = True
+    # API behaviour
+    model_name: str = DEFAULT_MODEL  # the base model's id in the API
+    max_body_bytes: int = 1 << 20  # JSON request bodies
+    request_timeout_s: float = 600.0
+    drain_timeout_s: float = 30.0
+    retry_after_s: int = 1  # Retry-After on 503 when the backend is overloaded
+    #: the single API key protecting /v1/* until tenancy is configured; generated into
+    #: data_dir/dev-api-key (0600) on first start when unset
+    api_key: str | None = dataclasses.field(default=None, repr=False)
+    #: development adapters served to every caller: ``name=PEFT_DIR,name2=PEFT_DIR2``
+    adapters: str = ""
+    # backend
+    backend: str = "embedded"  # embedded | null
+    model: str = DEFAULT_MODEL  # engine model name or a checkpoint directory
+    model_cache: Path = dataclasses.field(default_factory=default_cache_dir)
+    device: str = "auto"
+    dtype: str = "auto"
+    engine_mode: str = "eager"
+    max_num_seqs: int = 32
+    max_model_len: int = 2048
+    max_queue: int = 256
+    prefill_chunk_tokens: int = 512
+    max_loras: int = 16
+    max_lora_rank: int = 16
+    # null backend (benchmarks and tests)
+    null_tokens: int = 16
+    null_token_delay_s: float = 0.0
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            model=self.model, cache_dir=self.model_cache, device=self.device, dtype=self.dtype,  # type: ignore[arg-type]
+            max_num_seqs=self.max_num_seqs, max_model_len=self.max_model_len, max_queue=self.max_queue,
+            prefill_chunk_tokens=self.prefill_chunk_tokens, max_loras=self.max_loras,
+            max_lora_rank=self.max_lora_rank, mode=self.engine_mode,  # type: ignore[arg-type]
+        )
+
+    @classmethod
+    def load(
+        cls,
+        overrides: Mapping[str, Any] | None = None,
+        env: Mapping[str, str] | None = None,
+        file: Path | str | None = None,
+    ) -> "Settings":
+        """Merge defaults < TOML file < environment < ``overrides`` (CLI flags, already typed
+        or strings). Unknown names are errors, so a typo never goes unnoticed."""
+        env = os.environ if env is None else env
+        file = file or (Path(env[ENV_PREFIX + "CONFIG"]) if ENV_PREFIX + "CONFIG" in env else None)
+        values: dict[str, Any] = {}
+        if file is not None:
+            try:
+                data = tomllib.loads(Path(file).read_text())
+            except (OSError, tomllib.TOMLDecodeError) as exc:
+                raise SettingsError("config", f"cannot read {file}: {exc}") from exc
+            values.update(data.get("tensafe", data))
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for name in fields:
+            if ENV_PREFIX + name.upper() in env:
+                values[name] = env[ENV_PREFIX + name.upper()]
+        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        hints = typing.get_type_hints(cls)
+        parsed = {}
+        for name, raw in values.items():
+            if name not in fields:
+                raise SettingsError(name, "unknown setting")
+            parsed[name] = _coerce(name, hints[name], raw)
+        return cls(**parsed)
+
+
+def _coerce(name: str, hint: Any, raw: Any) -> Any:
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if raw is None or raw == "":
+            return None
+        hint = next(a for a in args if a is not type(None))
+    try:
+        if hint is bool:
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"expected a boolean, got {raw!r}")
+        if hint is Path:
+            return Path(raw).expanduser()
+        return hint(raw)
+    except (TypeError, ValueError) as exc:
+        raise SettingsError(name, str(exc)) from None
+
+
+def setting_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(Settings)]
