@@ -1,0 +1,151 @@
+"""One contract for every Backend, rerun per implementation by overriding the ``backend``
+fixture (the real embedded engine and the null backend)."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from gateway.backends import Backend, BackendRequest, LoraConfig, Message, Sampling
+from gateway.backends.embedded import EmbeddedBackend
+from gateway.backends.errors import AdapterProblem, BackendOverloaded, ContextTooLong
+from gateway.backends.null import NullBackend
+from tests.adapters.builders import SMOLLM2, lora_tensors
+
+HELLO = (Message("user", "Say hello."),)
+CONFIG = LoraConfig(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj"))
+
+
+def request(rid: str, max_tokens: int = 4, adapter: str | None = None, **kw) -> BackendRequest:
+    return BackendRequest(request_id=rid, sampling=Sampling(max_tokens=max_tokens, temperature=0, ignore_eos=True),
+                          messages=HELLO, adapter_id=adapter, **kw)
+
+
+async def collect(backend: Backend, req: BackendRequest) -> list:
+    return [c async for c in backend.generate(req)]
+
+
+class BackendContract:
+    """Subclasses provide ``backend`` (started, max_num_seqs 2, max_queue 1, max_loras 2,
+    max_lora_rank 8, max_model_len 128)."""
+
+    async def test_generates_counted_chunks(self, backend):
+        chunks = await collect(backend, request("a", 5))
+        assert chunks[-1].finish_reason == "length" and chunks[-1].completion_tokens == 5
+        assert [c.completion_tokens for c in chunks] == sorted(c.completion_tokens for c in chunks)
+        assert all(c.finish_reason is None for c in chunks[:-1])
+        assert chunks[0].prompt_tokens > 0 and "".join(c.text for c in chunks)
+
+    async def test_prompt_and_token_ids(self, backend):
+        chunks = await collect(backend, BackendRequest("p", Sampling(max_tokens=2, temperature=0, ignore_eos=True),
+                                                       prompt="Once upon a time"))
+        assert chunks[-1].completion_tokens == 2
+        chunks = await collect(backend, BackendRequest("t", Sampling(max_tokens=2, ignore_eos=True),
+                                                       prompt_token_ids=[1, 2, 3, 4]))
+        assert chunks[-1].prompt_tokens == 4
+
+    async def test_context_limit(self, backend):
+        with pytest.raises(ContextTooLong):
+            await collect(backend, request("long", 500))
+
+    async def test_queue_bound_raises_overloaded(self, backend):
+        streams = [backend.generate(request(f"q{i}", 60)) for i in range(3)]
+        firsts = [asyncio.ensure_future(anext(s)) for s in streams[:2]]
+        await asyncio.wait(firsts, timeout=30)
+        # two running, then one waiting fills the queue; the next is refused at once
+        waiting = asyncio.ensure_future(anext(streams[2]))
+        await asyncio.sleep(0.05)
+        with pytest.raises(BackendOverloaded):
+            await collect(backend, request("refused", 2))
+        assert backend.capacity().queue_depth == 1
+        waiting.cancel()
+        await asyncio.gather(waiting, return_exceptions=True)
+        for s in streams:
+            await s.aclose()
+        for _ in range(100):
+            if backend.capacity().free_sequence_slots == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert backend.capacity().free_sequence_slots == 2 and backend.capacity().queue_depth == 0
+
+    async def test_closing_the_stream_frees_the_slot(self, backend):
+        stream = backend.generate(request("c", 60))
+        await anext(stream)
+        assert backend.capacity().free_sequence_slots == 1
+        await stream.aclose()
+        for _ in range(100):
+            if backend.capacity().free_sequence_slots == 2:
+                break
+            await asyncio.sleep(0.02)
+        assert backend.capacity().free_sequence_slots == 2
+
+    async def test_adapter_slots(self, backend):
+        tensors = lora_tensors(SMOLLM2, 4, ("q_proj", "v_proj"), seed=3)
+        await backend.load_adapter("x", tensors, CONFIG)
+        await backend.load_adapter("y", tensors, CONFIG)
+        assert sorted(backend.adapters()) == ["x", "y"] and backend.capacity().free_adapter_slots == 0
+        with pytest.raises(AdapterProblem) as exc:
+            await backend.load_adapter("z", tensors, CONFIG)
+        assert exc.value.kind == "slots_full"
+        with pytest.raises(AdapterProblem) as exc:
+            await backend.load_adapter("x", tensors, CONFIG)
+        assert exc.value.kind == "exists"
+        chunks = await collect(backend, request("with-x", 3, adapter="x"))
+        assert chunks[-1].completion_tokens == 3
+        stream = backend.generate(request("hold-x", 60, adapter="x"))
+        await anext(stream)
+        with pytest.raises(AdapterProblem) as exc:
+            await backend.unload_adapter("x")
+        assert exc.value.kind == "in_use"
+        await stream.aclose()
+        for _ in range(100):
+            try:
+                await backend.unload_adapter("x")
+                break
+            except AdapterProblem:
+                await asyncio.sleep(0.02)
+        await backend.unload_adapter("y")
+        assert backend.adapters() == []
+        with pytest.raises(AdapterProblem) as exc:
+            await backend.unload_adapter("x")
+        assert exc.value.kind == "not_found"
+
+    async def test_rank_above_maximum(self, backend):
+        big = LoraConfig(rank=16, alpha=16.0, target_modules=("q_proj",))
+        with pytest.raises(AdapterProblem) as exc:
+            await backend.load_adapter("big", lora_tensors(SMOLLM2, 16, ("q_proj",)), big)
+        assert exc.value.kind == "rank_too_large"
+
+    async def test_health_and_capacity(self, backend):
+        health = await backend.health()
+        assert health.ok and health.max_model_len == 128
+        cap = backend.capacity()
+        assert (cap.max_sequence_slots, cap.max_adapter_slots, cap.free_sequence_slots) == (2, 2, 2)
+        assert isinstance(backend, Backend)
+
+
+class TestNullBackend(BackendContract):
+    @pytest.fixture()
+    async def backend(self):
+        b = NullBackend(tokens=16, token_delay_s=0.01, max_num_seqs=2, max_queue=1, max_model_len=128, max_loras=2,
+                        max_lora_rank=8)
+        await b.start()
+        yield b
+        await b.close()
+
+
+@pytest.fixture(scope="module")
+def engine_backend(checkpoint):
+    from engine import EngineConfig
+
+    b = EmbeddedBackend(EngineConfig(model=str(checkpoint), max_num_seqs=2, max_queue=1, max_model_len=128,
+                                     max_loras=2, max_lora_rank=8, prefix_cache_tokens=0))
+    asyncio.run(b.start())
+    yield b
+    asyncio.run(b.close())
+
+
+class TestEmbeddedBackend(BackendContract):
+    @pytest.fixture()
+    def backend(self, engine_backend):
+        return engine_backend

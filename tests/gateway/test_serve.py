@@ -1,0 +1,132 @@
+"""``tensafe serve`` as a real process: development key and banner, structured logs without
+secrets, and a graceful drain on SIGTERM."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from .conftest import BASE
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Proc:
+    def __init__(self, tmp: Path, *args: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TENSAFE_")}
+        self.p = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "serve", "--port", str(self.port), "--data-dir", str(tmp / "data"),
+             *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        self.stdout: list[str] = []
+        self.stderr: list[str] = []
+        self.pumps = [threading.Thread(target=self._pump, args=(self.p.stdout, self.stdout), daemon=True),
+                      threading.Thread(target=self._pump, args=(self.p.stderr, self.stderr), daemon=True)]
+        for t in self.pumps:
+            t.start()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + "/ready", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if self.p.poll() is not None:
+                break
+            time.sleep(0.1)
+        self.p.kill()
+        self.wait()
+        raise RuntimeError("server did not start:\n" + "".join(self.stderr))
+
+    @staticmethod
+    def _pump(stream, sink: list[str]) -> None:
+        for line in stream:
+            sink.append(line)
+
+    def wait(self) -> int:
+        code = self.p.wait(30)
+        for t in self.pumps:
+            t.join(5)
+        self.p.stdout.close()
+        self.p.stderr.close()
+        # uvicorn re-raises the SIGTERM it caught once the graceful shutdown is done
+        return 0 if code == -signal.SIGTERM else code
+
+    def stop(self) -> int:
+        self.p.send_signal(signal.SIGTERM)
+        return self.wait()
+
+
+def test_dev_mode_generates_a_private_key_and_prints_an_example(tmp_path):
+    proc = Proc(tmp_path, "--backend", "null", "--dev")
+    try:
+        key_file = tmp_path / "data" / "dev-api-key"
+        key = key_file.read_text().strip()
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+        out = "".join(proc.stdout)
+        assert key in out and "from openai import OpenAI" in out and f'model="{BASE}"' in out
+        client = openai.OpenAI(base_url=proc.url + "/v1", api_key=key, max_retries=0)
+        reply = client.chat.completions.create(model=BASE, messages=[{"role": "user", "content": "sesame 77"}])
+        assert reply.usage.completion_tokens == 16
+    finally:
+        assert proc.stop() == 0
+    logs = "".join(proc.stderr)
+    assert key not in logs and "sesame 77" not in logs
+    access = [json.loads(line) for line in proc.stderr if line.startswith("{")]
+    chat = next(r for r in access if r["path"] == "/v1/chat/completions")
+    assert chat["status"] == 200 and chat["completion_tokens"] == 16 and chat["model"] == BASE
+    # the key survives a restart
+    again = Proc(tmp_path, "--backend", "null")
+    try:
+        assert key_file.read_text().strip() == key
+        assert key not in "".join(again.stdout)  # not in development mode: no banner
+        assert httpx.get(again.url + "/v1/models", headers={"authorization": f"Bearer {key}"}).status_code == 200
+    finally:
+        again.stop()
+
+
+def test_sigterm_drains_in_flight_streams(tmp_path):
+    proc = Proc(tmp_path, "--backend", "null", "--null-token-delay-s", "0.05", "--null-tokens", "100",
+                "--api-key", "k", "--drain-timeout-s", "20")
+    body = {"model": BASE, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 30, "stream": True}
+    try:
+        with httpx.Client(base_url=proc.url, headers={"authorization": "Bearer k"}, timeout=30) as http:
+            with http.stream("POST", "/v1/chat/completions", json=body) as r:
+                lines = r.iter_lines()
+                assert next(lines).startswith("data: ")
+                proc.p.send_signal(signal.SIGTERM)
+                time.sleep(0.3)
+                with pytest.raises(httpx.TransportError):
+                    httpx.get(proc.url + "/health", timeout=2)
+                rest = [line for line in lines if line]
+    except BaseException:
+        proc.p.kill()
+        proc.wait()
+        raise
+    assert rest[-1] == "data: [DONE]"
+    assert json.loads(rest[-2].removeprefix("data: "))["choices"][0]["finish_reason"] == "length"
+    assert proc.wait() == 0
+
+
+def test_bad_setting_is_a_clear_error(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "gateway.cli", "serve", "--port", "notaport"], capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and "setting port" in r.stderr and "Traceback" not in r.stderr

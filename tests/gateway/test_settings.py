@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+import stat
+
+import pytest
+
+from gateway.auth import ensure_dev_key
+from gateway.settings import Settings, SettingsError
+
+
+def test_precedence_defaults_file_env_flags(tmp_path):
+    f = tmp_path / "t.toml"
+    f.write_text('port = 9000\nmax_num_seqs = 4\nhost = "0.0.0.0"\n[ignored]\n')
+    with pytest.raises(SettingsError, match="ignored"):
+        Settings.load(file=f, env={})
+    f.write_text('[tensafe]\nport = 9000\nmax_num_seqs = 4\nhost = "0.0.0.0"\n')
+    s = Settings.load({"port": "9100"}, env={"TENSAFE_MAX_NUM_SEQS": "8", "TENSAFE_DEV": "yes"}, file=f)
+    assert (s.port, s.max_num_seqs, s.host, s.dev) == (9100, 8, "0.0.0.0", True)
+    assert Settings.load(env={"TENSAFE_CONFIG": str(f)}).port == 9000
+    assert Settings.load(env={}).port == 8000
+
+
+def test_bad_values_name_the_setting():
+    with pytest.raises(SettingsError, match="port"):
+        Settings.load({"port": "eighty"}, env={})
+    with pytest.raises(SettingsError, match="dev"):
+        Settings.load(env={"TENSAFE_DEV": "maybe"})
+    with pytest.raises(SettingsError, match="unknown setting"):
+        Settings.load({"prot": 1}, env={})
+
+
+def test_settings_are_frozen_and_hide_the_key():
+    s = Settings.load({"api_key": "secret-value"}, env={})
+    with pytest.raises(AttributeError):
+        s.port = 1  # type: ignore[misc]
+    assert "secret-value" not in repr(s)
+    assert s.engine_config().max_num_seqs == s.max_num_seqs
+
+
+def test_dev_key_is_created_once_with_mode_0600(tmp_path):
+    key, path, created = ensure_dev_key(tmp_path / "d")
+    assert created and key.startswith("tsk-") and len(key) > 40
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    again, _, created_again = ensure_dev_key(tmp_path / "d")
+    assert again == key and not created_again
