@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 serve: $(STAMP)
-	$(VENV)/bin/tensafe serve $(ARGS)
+	$(VENV)/bin/tensafe serve --dev $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest $(ARGS)
