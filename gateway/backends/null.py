@@ -98,9 +98,13 @@ class NullBackend:
         s = request.sampling
         n = s.max_tokens if s.ignore_eos else min(s.max_tokens, self.tokens)
         text_so_far = ""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
         for i in range(1, n + 1):
             if self.token_delay_s:
-                await asyncio.sleep(self.token_delay_s)
+                # token i is due at start + i * delay whatever the consumer does, like a real engine
+                # stepping on its own; a slow consumer catches up without further sleeps
+                await asyncio.sleep(max(0.0, start + i * self.token_delay_s - loop.time()))
             if request.request_id in self._aborted:
                 yield BackendChunk("", prompt_tokens, i - 1, "abort")
                 return

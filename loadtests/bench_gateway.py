@@ -1,0 +1,178 @@
+"""Gateway overhead: the same streaming workload on the null backend, called in-process and
+through the HTTP gateway (a real uvicorn process on 127.0.0.1).
+
+  python -m loadtests.bench_gateway [--requests 64] [--tokens 16] [--token-delay-ms 5] [--rounds 5]
+
+Each round starts ``--requests`` concurrent streaming chat completions of ``--tokens`` tokens.
+The HTTP client is a minimal asyncio HTTP/1.1 reader (no SDK parsing cost in the figure), so
+the difference between the two sides is what the gateway adds: auth, JSON parsing and
+validation, SSE framing, HTTP and the access log. ``added_ms_one_at_a_time`` repeats the
+comparison with one request in flight, the per-request cost without queueing. Prints one JSON line:
+``{"added_ms": {"ttft_p50", "ttft_p99", "e2e_p50", "e2e_p99"}, "direct": {...}, "gateway": {...}}``.
+Bars: added TTFT p50 <= 1 ms, added end-to-end p99 <= 5 ms.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from gateway.backends import BackendRequest, Message, Sampling
+from gateway.backends.null import NullBackend
+
+MODEL = "smollm2-135m-instruct"
+KEY = "bench-key"
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def summary(ttft: list[float], e2e: list[float]) -> dict[str, float]:
+    return {"ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99), "e2e_p50": pct(e2e, 50), "e2e_p99": pct(e2e, 99)}
+
+
+async def direct_round(backend: NullBackend, n: int, tokens: int, rnd: int) -> tuple[list[float], list[float]]:
+    async def one(i: int) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        first = None
+        req = BackendRequest(f"r{rnd}-{i}", Sampling(max_tokens=tokens, temperature=0),
+                             messages=(Message("user", "Tell me about the sea."),))
+        async for _ in backend.generate(req):
+            if first is None:
+                first = time.perf_counter()
+        return (first - t0) * 1000, (time.perf_counter() - t0) * 1000
+
+    results = await asyncio.gather(*(one(i) for i in range(n)))
+    return [r[0] for r in results], [r[1] for r in results]
+
+
+def request_bytes(port: int, tokens: int) -> bytes:
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Tell me about the sea."}],
+                       "max_tokens": tokens, "temperature": 0, "stream": True}).encode()
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\nauthorization: Bearer {KEY}\r\n"
+            f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n")
+    return head.encode() + body
+
+
+async def http_one(port: int, payload: bytes) -> tuple[float, float]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    t0 = time.perf_counter()
+    writer.write(payload)
+    head = await reader.readuntil(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(head.decode(errors="replace"))
+    first = None
+    while True:  # chunked transfer encoding
+        size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+        if size == 0:
+            break
+        data = await reader.readexactly(size + 2)
+        if first is None and b'"content"' in data:
+            first = time.perf_counter()
+        if b"[DONE]" in data:
+            break
+    end = time.perf_counter()
+    writer.close()
+    return (first - t0) * 1000, (end - t0) * 1000
+
+
+async def http_round(port: int, n: int, tokens: int) -> tuple[list[float], list[float]]:
+    payload = request_bytes(port, tokens)
+    results = await asyncio.gather(*(http_one(port, payload) for _ in range(n)))
+    return [r[0] for r in results], [r[1] for r in results]
+
+
+def start_gateway(args: argparse.Namespace) -> tuple[subprocess.Popen, int]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "gateway.cli", "serve", "--backend", "null", "--port", str(port), "--api-key", KEY,
+           "--null-tokens", str(args.tokens), "--null-token-delay-s", str(args.token_delay_ms / 1000),
+           "--max-num-seqs", str(args.requests), "--log-level", "warning", "--data-dir", os.devnull + ".d"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return proc, port
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("gateway did not start")
+
+
+async def main_async(args: argparse.Namespace) -> dict:
+    backend = NullBackend(model=MODEL, tokens=args.tokens, token_delay_s=args.token_delay_ms / 1000,
+                          max_num_seqs=args.requests)
+    await backend.start()
+    d_ttft: list[float] = []
+    d_e2e: list[float] = []
+    await direct_round(backend, args.requests, args.tokens, -1)  # warm-up
+    for rnd in range(args.rounds):
+        t, e = await direct_round(backend, args.requests, args.tokens, rnd)
+        d_ttft += t
+        d_e2e += e
+    proc, port = start_gateway(args)
+    try:
+        g_ttft: list[float] = []
+        g_e2e: list[float] = []
+        await http_round(port, args.requests, args.tokens)  # warm-up
+        for _ in range(args.rounds):
+            t, e = await http_round(port, args.requests, args.tokens)
+            g_ttft += t
+            g_e2e += e
+        single = await single_requests(backend, port, args.tokens, 50)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    direct, gateway = summary(d_ttft, d_e2e), summary(g_ttft, g_e2e)
+    added = {k: round(gateway[k] - direct[k], 3) for k in direct}
+    return {
+        "bench": "gateway_overhead", "requests": args.requests, "tokens": args.tokens,
+        "token_delay_ms": args.token_delay_ms, "rounds": args.rounds, "added_ms": added,
+        "added_ms_one_at_a_time": single,
+        "direct": {k: round(v, 3) for k, v in direct.items()}, "gateway": {k: round(v, 3) for k, v in gateway.items()},
+        "bars": {"ttft_p50": 1.0, "e2e_p99": 5.0},
+        "meets_bars": added["ttft_p50"] <= 1.0 and added["e2e_p99"] <= 5.0,
+    }
+
+
+async def single_requests(backend: NullBackend, port: int, tokens: int, n: int) -> dict[str, float]:
+    """One request at a time: the per-request cost without queueing behind a burst."""
+    d_t, d_e, g_t, g_e = [], [], [], []
+    payload = request_bytes(port, tokens)
+    for i in range(n):
+        t, e = await direct_round(backend, 1, tokens, 1000 + i)
+        d_t += t
+        d_e += e
+        t, e = await http_round(port, 1, tokens)
+        g_t += t
+        g_e += e
+    direct, gateway = summary(d_t, d_e), summary(g_t, g_e)
+    return {k: round(gateway[k] - direct[k], 3) for k in direct}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--tokens", type=int, default=16)
+    ap.add_argument("--token-delay-ms", type=float, default=5.0, help="null backend's time per token")
+    ap.add_argument("--rounds", type=int, default=5)
+    try:
+        import uvloop
+    except ImportError:
+        print(json.dumps(asyncio.run(main_async(ap.parse_args()))))
+    else:
+        print(json.dumps(uvloop.run(main_async(ap.parse_args()))))
+
+
+if __name__ == "__main__":
+    main()
