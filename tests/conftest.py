@@ -20,3 +20,24 @@ def checkpoint() -> Path:
     from engine.model.checkpoint import resolve_checkpoint
 
     return resolve_checkpoint(DEFAULT_MODEL, default_cache_dir())
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """A real redis-server for the whole session; tests flush or namespace their keys."""
+    from tests.redis_server import RedisServer
+
+    server = RedisServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+async def redis_client(redis_server):
+    """An asyncio Redis client on a flushed database."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.from_url(redis_server.url)
+    await client.flushdb()
+    yield client
+    await client.aclose()
