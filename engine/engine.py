@@ -87,6 +87,7 @@ class Engine:
         self.device = _pick_device(config.device)
         self.dtype = _pick_dtype(config.dtype, self.device)
         checkpoint = resolve_checkpoint(config.model, config.cache_dir)
+        self.checkpoint = checkpoint
         weights = load_weights(checkpoint, self.dtype, self.device)
         dims = weights.dims
         self.dims = dims

@@ -3,10 +3,12 @@ every error to OpenAI's shape in one place. Nothing imports this module."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -14,15 +16,33 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from redis.asyncio import from_url as redis_from_url
+
+from adapters.base_model import BaseModelSpec
+from cache import AdapterCache
+from cache.tssp import TsspSource
 
 from . import errors
-from .auth import ApiKeyAuth, Principal, ensure_dev_key
+from .api_admin import AdminApi
+from .api_tenant import TenantApi
+from .auth import Authenticator, Principal
 from .backends import Backend, LoraConfig, create_backend
+from .blobs import BlobStore
+from .bootstrap import Bootstrapped, ensure_admin_key, ensure_default_tenant_key, ensure_demo
 from .generation import Completions
+from .keyprovider import PROVIDERS
 from .middleware import GatewayMiddleware
 from .models import ModelTable
 from .protocol import responses as wire
+from .quotas import InProcessQuotas, Quotas, RedisQuotas
+from .residency import BackendSlots, StoredPackages
 from .settings import Settings
+from .store import open_store
+from .tenancy import Tenancy
+from .usage import UsageRecorder
+
+if TYPE_CHECKING:
+    from .oidc import OidcVerifier
 
 log = logging.getLogger("tensafe.gateway")
 
@@ -65,39 +85,96 @@ def load_local_adapters(spec: str) -> list[tuple[str, Path]]:
 
 
 class Gateway:
-    """Holds what the routes need; its methods are the endpoints."""
+    """Holds what the routes need; built from settings, started and stopped by the lifespan."""
 
-    def __init__(self, settings: Settings, backend: Backend, auth: ApiKeyAuth) -> None:
+    def __init__(self, settings: Settings, backend: Backend) -> None:
         self.settings = settings
         self.backend = backend
-        self.auth = auth
-        self.models = ModelTable(settings.model_name, int(time.time()))
-        self.completions = Completions(backend, self.models, max_body_bytes=settings.max_body_bytes,
-                                       request_timeout_s=settings.request_timeout_s,
-                                       retry_after_s=settings.retry_after_s)
+        self.store = open_store(settings.resolved_store_url())
+        self.keys = PROVIDERS[settings.key_provider](settings.data_dir)
+        self.oidc = _oidc(settings)
+        self.auth = Authenticator(self.store, self.keys.hashing_key(), admin_key=settings.admin_key, oidc=self.oidc)
+        self.blobs = BlobStore(settings.data_dir / "blobs")
+        self.models = ModelTable(settings.model_name, int(time.time()), self.store)
+        self.usage = UsageRecorder(self.store)
+        self.quotas: Quotas = RedisQuotas(redis_from_url(settings.quota_redis_url)) if settings.quota_redis_url \
+            else InProcessQuotas()
+        self.cache: AdapterCache | None = None
+        self.tenancy: Tenancy | None = None
+        self.completions: Completions | None = None
+        self.tenant_api: TenantApi | None = None
+        self.admin_api: AdminApi | None = None
+        self.boot: Bootstrapped | None = None
         self.ready = False
 
     async def start(self) -> None:
+        s = self.settings
+        await self.store.init()
         await self.backend.start()
-        if self.settings.adapters:
-            from engine.peft_dir import load_peft_dir  # reads PEFT directories into plain tensors
-
-            for name, path in load_local_adapters(self.settings.adapters):
-                config, tensors = load_peft_dir(path)
-                adapter_id = f"local:{name}"
-                await self.backend.load_adapter(adapter_id, tensors, LoraConfig(
-                    config.rank, config.alpha, config.target_modules, config.use_rslora))
-                self.models.add_adapter(name, adapter_id, int(time.time()))
-                log.info("adapter %s loaded (rank %d, %s)", name, config.rank, ",".join(config.target_modules))
+        config = await self.backend.model_config()
+        base = BaseModelSpec.from_hf_config(s.model_name, config) if config is not None else None
+        if s.adapters:
+            await self._load_local_adapters()
+        source = TsspSource(StoredPackages(self.store, self.blobs),
+                            lambda: [k.private for k in self.keys.recipient_keys()], base)
+        self.cache = AdapterCache(source, cpu_budget_bytes=s.cpu_cache_mb << 20, tenant_share=s.tenant_cache_share)
+        self.cache.add_backend(self.backend.name, BackendSlots(self.backend))
+        self.tenancy = Tenancy(self.store, self.auth, self.keys, self.blobs, self.cache, base, self.models.reserved())
+        self.completions = Completions(self.backend, self.models, max_body_bytes=s.max_body_bytes,
+                                       request_timeout_s=s.request_timeout_s, retry_after_s=s.retry_after_s,
+                                       cache=self.cache, quotas=self.quotas, usage=self.usage)
+        self.tenant_api = TenantApi(self.tenancy, self.principal_of, self.usage, max_upload_bytes=s.max_upload_bytes,
+                                    max_body_bytes=s.max_body_bytes)
+        self.admin_api = AdminApi(self.tenancy, self.principal_of, self.usage, self.cache,
+                                  max_body_bytes=s.max_body_bytes)
+        self.boot = await self._bootstrap()
+        self.usage.start()
         self.ready = True
+
+    async def _load_local_adapters(self) -> None:
+        from engine.peft_dir import load_peft_dir  # reads PEFT directories into plain tensors
+
+        for name, path in load_local_adapters(self.settings.adapters):
+            config, tensors = load_peft_dir(path)
+            adapter_id = f"local:{name}"
+            await self.backend.load_adapter(adapter_id, tensors, LoraConfig(
+                config.rank, config.alpha, config.target_modules, config.use_rslora))
+            self.models.add_local(name, adapter_id, int(time.time()))
+            log.info("adapter %s loaded (rank %d, %s)", name, config.rank, ",".join(config.target_modules))
+
+    async def _bootstrap(self) -> Bootstrapped:
+        s = self.settings
+        assert self.tenancy is not None
+        admin_file = None
+        if s.admin_key is None:
+            _, admin_file = await ensure_admin_key(self.tenancy, s.data_dir)
+        if s.api_key:
+            await ensure_default_tenant_key(self.tenancy, s.api_key)
+        if s.dev and s.demo:
+            key, key_file, names = await ensure_demo(self.tenancy, s.data_dir)
+            return Bootstrapped(admin_file, key, key_file, names)
+        return Bootstrapped(admin_file)
 
     async def stop(self) -> None:
         self.ready = False
+        await self.usage.stop()
+        if self.cache is not None:
+            await self.cache.close()
         await self.backend.close()
+        await self.quotas.close()
+        if self.oidc is not None:
+            await self.oidc.close()
+        await self.store.close()
 
-    def principal(self, request: Request) -> Principal:
-        principal = self.auth.authenticate(request.headers.get("authorization"))
+    async def principal_of(self, request: Request) -> Principal:
+        principal = await self.auth.authenticate(request.headers.get("authorization"))
         request.state.tenant = principal.tenant
+        return principal
+
+    async def principal(self, request: Request) -> Principal:
+        """A caller of the model endpoints (scope ``tenant``)."""
+        principal = await self.principal_of(request)
+        principal.require("tenant")
         return principal
 
     async def health(self, request: Request) -> Response:
@@ -110,53 +187,100 @@ class Gateway:
         return JSONResponse({"status": "starting", "detail": health.detail}, status_code=503)
 
     async def list_models(self, request: Request) -> Response:
-        principal = self.principal(request)
-        cards = [wire.model_card(r.model, r.created, r.owned_by) for r in self.models.visible(principal)]
+        principal = await self.principal(request)
+        cards = [wire.model_card(r.model, r.created, r.owned_by) for r in await self.models.visible(principal)]
         return JSONResponse(wire.model_list(cards))
 
     async def get_model(self, request: Request) -> Response:
-        principal = self.principal(request)
-        route = self.models.resolve(request.path_params["model"], principal)
+        principal = await self.principal(request)
+        route = await self.models.resolve(request.path_params["model"], principal)
         return JSONResponse(wire.model_card(route.model, route.created, route.owned_by))
 
     async def chat(self, request: Request) -> Response:
-        return await self.completions.chat(request, self.principal(request))
+        principal = await self.principal(request)
+        assert self.completions is not None
+        return await self.completions.chat(request, principal)
 
     async def text(self, request: Request) -> Response:
-        return await self.completions.completions(request, self.principal(request))
+        principal = await self.principal(request)
+        assert self.completions is not None
+        return await self.completions.completions(request, principal)
+
+    def routes(self) -> list[Route]:
+        def late(api: str, method: str):
+            async def endpoint(request: Request) -> Response:
+                return await getattr(getattr(self, api), method)(request)
+            return endpoint
+
+        t, a = functools.partial(late, "tenant_api"), functools.partial(late, "admin_api")
+        return [
+            Route("/health", self.health, methods=["GET"]),
+            Route("/ready", self.ready_check, methods=["GET"]),
+            Route("/v1/models", self.list_models, methods=["GET"]),
+            Route("/v1/models/{model:path}", self.get_model, methods=["GET"]),
+            Route("/v1/chat/completions", self.chat, methods=["POST"]),
+            Route("/v1/completions", self.text, methods=["POST"]),
+            Route("/v1/adapters", t("upload"), methods=["POST"]),
+            Route("/v1/adapters", t("list_adapters"), methods=["GET"]),
+            Route("/v1/adapters/{name}", t("get_adapter"), methods=["GET"]),
+            Route("/v1/adapters/{name}", t("delete_adapter"), methods=["DELETE"]),
+            Route("/v1/tssp/recipient", t("recipient_keys"), methods=["GET"]),
+            Route("/v1/usage", t("get_usage"), methods=["GET"]),
+            Route("/v1/keys", t("list_keys"), methods=["GET"]),
+            Route("/v1/keys", t("create_key"), methods=["POST"]),
+            Route("/v1/keys/{key_id}", t("revoke_key"), methods=["DELETE"]),
+            Route("/v1/signing-keys", t("list_signing_keys"), methods=["GET"]),
+            Route("/v1/signing-keys", t("add_signing_key"), methods=["POST"]),
+            Route("/v1/signing-keys/{key_id}", t("revoke_signing_key"), methods=["DELETE"]),
+            Route("/admin/tenants", a("create_tenant"), methods=["POST"]),
+            Route("/admin/tenants", a("list_tenants"), methods=["GET"]),
+            Route("/admin/tenants/{tenant}", a("get_tenant"), methods=["GET"]),
+            Route("/admin/tenants/{tenant}", a("update_tenant"), methods=["PATCH"]),
+            Route("/admin/tenants/{tenant}", a("delete_tenant"), methods=["DELETE"]),
+            Route("/admin/tenants/{tenant}/keys", a("create_key"), methods=["POST"]),
+            Route("/admin/tenants/{tenant}/keys", a("list_keys"), methods=["GET"]),
+            Route("/admin/keys/{key_id}", a("revoke_key"), methods=["DELETE"]),
+            Route("/admin/tenants/{tenant}/signing-keys", a("add_signing_key"), methods=["POST"]),
+            Route("/admin/tenants/{tenant}/signing-keys", a("list_signing_keys"), methods=["GET"]),
+            Route("/admin/tenants/{tenant}/signing-keys/{key_id}", a("revoke_signing_key"), methods=["DELETE"]),
+            Route("/admin/tenants/{tenant}/usage", a("tenant_usage"), methods=["GET"]),
+            Route("/admin/tenants/{tenant}/adapters/{name}", a("delete_adapter"), methods=["DELETE"]),
+            Route("/admin/adapters", a("list_adapters"), methods=["GET"]),
+            Route("/admin/audit", a("audit"), methods=["GET"]),
+            Route("/admin/audit/verify", a("audit_verify"), methods=["GET"]),
+            Route("/admin/cache", a("cache_stats"), methods=["GET"]),
+            Route("/admin/cache/{tenant}/{name}/{action}", a("cache_action"), methods=["POST"]),
+        ]
+
+
+def _oidc(settings: Settings) -> "OidcVerifier | None":
+    if not (settings.oidc_issuer and settings.oidc_audience and (settings.oidc_jwks_url or settings.oidc_jwks_file)):
+        return None
+    from .oidc import OidcConfig, OidcVerifier
+
+    return OidcVerifier(OidcConfig(issuer=settings.oidc_issuer, audience=settings.oidc_audience,
+                                   jwks_url=settings.oidc_jwks_url or None, jwks_file=settings.oidc_jwks_file or None,
+                                   tenant_claim=settings.oidc_tenant_claim))
 
 
 def create_app(settings: Settings, backend: Backend | None = None,
-               on_ready: Callable[[str], None] | None = None) -> Starlette:
-    """The ASGI app. ``backend`` defaults to the one named in settings; ``on_ready`` gets the
-    API key once the model is loaded (the development banner)."""
-    backend = backend or create_backend(settings)
-    key = settings.api_key
-    if key is None:
-        key, path, created = ensure_dev_key(settings.data_dir)
-        log.info("API key: %s development key in %s", "generated a" if created else "using the", path)
-    gateway = Gateway(settings, backend, ApiKeyAuth(key))
+               on_ready: Callable[[Gateway], None] | None = None) -> Starlette:
+    """The ASGI app. ``backend`` defaults to the one named in settings; ``on_ready`` runs once
+    the model is loaded and the bootstrap is done (the development banner)."""
+    gateway = Gateway(settings, backend or create_backend(settings))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await gateway.start()
         if on_ready is not None:
-            on_ready(key)
+            on_ready(gateway)
         try:
             yield
         finally:
             await gateway.stop()
 
-    routes = [
-        Route("/health", gateway.health, methods=["GET"]),
-        Route("/ready", gateway.ready_check, methods=["GET"]),
-        Route("/v1/models", gateway.list_models, methods=["GET"]),
-        Route("/v1/models/{model:path}", gateway.get_model, methods=["GET"]),
-        Route("/v1/chat/completions", gateway.chat, methods=["POST"]),
-        Route("/v1/completions", gateway.text, methods=["POST"]),
-    ]
     app = Starlette(
-        routes=routes, lifespan=lifespan,
+        routes=gateway.routes(), lifespan=lifespan,
         middleware=[Middleware(GatewayMiddleware, access_log_enabled=settings.access_log)],
         exception_handlers={errors.ApiError: _api_error, HTTPException: _http_error},
     )

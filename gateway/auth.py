@@ -1,8 +1,10 @@
-"""Authentication before tenancy: one API key from settings protects /v1/*.
+"""Who is calling: API keys (stored only as keyed hashes), OIDC bearer JWTs, and the
+bootstrap admin credential from settings.
 
-Keys are compared as SHA-256 digests with ``hmac.compare_digest`` (constant time, and the
-plaintext key is not kept in the authenticator). When no key is configured, a development key
-is generated once into ``data_dir/dev-api-key`` (mode 0600) and reused on later starts.
+An API key is ``tsk-`` followed by 43 random URL-safe characters. The store keeps its
+HMAC-SHA256 under the gateway's hashing key (so a stolen database cannot be used to check
+guesses offline) and its first 12 characters to identify it in listings. Every request
+looks the key up again, so revocation and tenant suspension take effect on the next request.
 """
 from __future__ import annotations
 
@@ -11,53 +13,99 @@ import hashlib
 import hmac
 import os
 import secrets
+import time
 from pathlib import Path
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
-from .errors import AuthenticationFailed
+from .errors import AuthenticationFailed, PermissionDenied
+from .store import ApiKeyRecord, Store, Tenant
+
+if TYPE_CHECKING:
+    from .oidc import OidcVerifier
 
 KEY_PREFIX = "tsk-"
-DEV_KEY_FILE = "dev-api-key"
+PREFIX_CHARS = 12
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Principal:
-    tenant: str
+    tenant: str | None  # None: an operator (admin) credential
+    scopes: tuple[str, ...]
+    subject: str  # key id, JWT subject or "bootstrap-admin"
+    quotas: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # the tenant's QuotaLimits as a dict
+
+    def require(self, scope: str) -> None:
+        """``admin`` may do anything; ``tenant-admin`` includes ``tenant``."""
+        implied = set(self.scopes) | ({"tenant"} if "tenant-admin" in self.scopes else set())
+        if scope not in implied and "admin" not in implied:
+            raise PermissionDenied(f"This credential lacks the '{scope}' scope.")
+
+    @property
+    def is_admin(self) -> bool:
+        return "admin" in self.scopes
 
 
-def _digest(key: str) -> bytes:
-    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+def new_api_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
 
 
-class ApiKeyAuth:
-    def __init__(self, key: str, tenant: str = "default") -> None:
-        self._digest = _digest(key)
-        self._principal = Principal(tenant)
+class Authenticator:
+    def __init__(self, store: Store, hashing_key: bytes, *, admin_key: str | None = None,
+                 oidc: "OidcVerifier | None" = None) -> None:
+        self.store = store
+        self._hashing_key = hashing_key
+        self._admin_digest = self.digest(admin_key) if admin_key else None
+        self.oidc = oidc
 
-    def authenticate(self, authorization: str | None) -> Principal:
+    def digest(self, key: str) -> str:
+        return hmac.new(self._hashing_key, key.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()
+
+    async def authenticate(self, authorization: str | None) -> Principal:
         if not authorization:
             raise AuthenticationFailed("Missing API key: send it as 'Authorization: Bearer <key>'.",
                                        code="missing_api_key")
-        scheme, _, key = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
+        scheme, _, token = authorization.partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
             raise AuthenticationFailed("Malformed Authorization header: expected 'Bearer <key>'.")
-        if not hmac.compare_digest(_digest(key.strip()), self._digest):
+        if self.oidc is not None and not token.startswith(KEY_PREFIX) and self.oidc.looks_like_jwt(token):
+            identity = await self.oidc.verify(token)
+            tenant = await self._active_tenant(identity.tenant)
+            return Principal(identity.tenant, identity.scopes, f"oidc:{identity.subject}", tenant.quotas)
+        digest = self.digest(token)
+        if self._admin_digest is not None and hmac.compare_digest(digest, self._admin_digest):
+            return Principal(None, ("admin",), "bootstrap-admin")
+        record = await self.store.api_key_by_digest(digest)
+        if record is None or record.revoked is not None:
             raise AuthenticationFailed("Incorrect API key provided.")
-        return self._principal
+        if record.tenant is None:
+            return Principal(None, record.scopes, record.id)
+        tenant = await self._active_tenant(record.tenant)
+        return Principal(record.tenant, record.scopes, record.id, tenant.quotas)
+
+    async def _active_tenant(self, tenant_id: str) -> Tenant:
+        tenant = await self.store.get_tenant(tenant_id)
+        if tenant is None:
+            raise AuthenticationFailed("Incorrect API key provided.")
+        if tenant.suspended:
+            raise PermissionDenied("This tenant is suspended.", code="tenant_suspended")
+        return tenant
+
+    async def issue(self, tenant: str | None, scopes: tuple[str, ...], name: str,
+                    key: str | None = None) -> tuple[str, ApiKeyRecord]:
+        """Create a key (or register ``key``); the plaintext is returned once and never stored."""
+        key = key or new_api_key()
+        record = ApiKeyRecord(id="key_" + secrets.token_hex(8), tenant=tenant, prefix=key[:PREFIX_CHARS],
+                              digest=self.digest(key), scopes=scopes, name=name, created=int(time.time()))
+        await self.store.add_api_key(record)
+        return key, record
 
 
-def ensure_dev_key(data_dir: Path) -> tuple[str, Path, bool]:
-    """The development key: read from ``data_dir``, or created there (0600). Returns
-    (key, path, created)."""
-    path = Path(data_dir) / DEV_KEY_FILE
+def write_secret_file(path: Path, text: str) -> None:
+    """Write ``text`` to a new or existing file readable by the owner only (0600)."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    key = KEY_PREFIX + secrets.token_urlsafe(32)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        existing = path.read_text().strip()
-        if existing:
-            return existing, path, False
-        fd = os.open(path, os.O_WRONLY | os.O_TRUNC, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write(key + "\n")
-    return key, path, True
+        f.write(text + "\n")

@@ -8,6 +8,9 @@ disconnect and closing the backend stream aborts it, freeing the batch slot at o
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import functools
 import json
 import logging
 import time
@@ -18,6 +21,8 @@ from typing import Any, TypeVar
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from cache import AdapterCache, CacheError, UnknownAdapter
+
 from . import errors
 from .auth import Principal
 from .backends import errors as backend_errors
@@ -25,9 +30,12 @@ from .backends.base import Backend, BackendChunk, BackendRequest, Message, Sampl
 from .models import ModelTable, Route
 from .protocol import ChatRequest, CompletionRequest, parse_chat, parse_completion
 from .protocol import responses as wire
+from .quotas import QuotaLimits, Quotas
+from .usage import UsageRecorder
 
 log = logging.getLogger("tensafe.gateway")
 T = TypeVar("T")
+DEFAULT_TOKEN_ESTIMATE = 256  # completion tokens charged up front when max_tokens is unset (refunded)
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
@@ -96,64 +104,88 @@ async def guarded(request: Request, awaitable: Awaitable[T], deadline: float) ->
 
 class Completions:
     def __init__(self, backend: Backend, models: ModelTable, *, max_body_bytes: int, request_timeout_s: float,
-                 retry_after_s: int) -> None:
+                 retry_after_s: int, cache: AdapterCache | None = None, quotas: Quotas | None = None,
+                 usage: UsageRecorder | None = None) -> None:
         self.backend = backend
         self.models = models
         self.max_body_bytes = max_body_bytes
         self.timeout = request_timeout_s
         self.retry_after = retry_after_s
+        self.cache = cache
+        self.quotas = quotas
+        self.usage = usage
 
     async def chat(self, request: Request, principal: Principal) -> Response:
         params = parse_chat(await read_json(request, self.max_body_bytes))
         messages = tuple(Message(m.role, m.content) for m in params.messages)  # type: ignore[arg-type]
-        return await self._run(request, principal, params, "chatcmpl-", dict(messages=messages))
+        size = sum(len(m.content) for m in messages)
+        return await self._run(request, principal, params, "chatcmpl-", dict(messages=messages), size)
 
     async def completions(self, request: Request, principal: Principal) -> Response:
         params = parse_completion(await read_json(request, self.max_body_bytes))
+        size = len(params.prompt or "") + 4 * len(params.prompt_token_ids or ())
         return await self._run(request, principal, params, "cmpl-",
-                               dict(prompt=params.prompt, prompt_token_ids=params.prompt_token_ids))
+                               dict(prompt=params.prompt, prompt_token_ids=params.prompt_token_ids), size)
 
     async def _run(self, request: Request, principal: Principal, params: ChatRequest | CompletionRequest,
-                   prefix: str, inputs: dict[str, Any]) -> Response:
+                   prefix: str, inputs: dict[str, Any], prompt_chars: int) -> Response:
         state = request.state
         deadline = time.monotonic() + self.timeout
         if params.ignored:
             state.ignored_fields = list(params.ignored)
             log.info("request %s: ignored fields not defined by OpenAI: %s", state.request_id,
                      ", ".join(f[:64] for f in params.ignored[:20]))
-        route = self.models.resolve(params.model, principal)
+        route = await self.models.resolve(params.model, principal)
         state.model, state.adapter = route.model, route.model if route.adapter_id else None
-        rid = prefix + uuid.uuid4().hex
-        breq = BackendRequest(
-            request_id=rid,
-            sampling=Sampling(max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
-                              seed=params.seed, stop=params.stop),
-            adapter_id=route.adapter_id, cache_salt=principal.tenant, **inputs,
-        )
-        started = time.perf_counter()
-        stream = aiter(self.backend.generate(breq))
+        max_tokens = params.max_tokens
+        cap = principal.quotas.get("max_tokens")
+        if cap is not None:
+            if max_tokens is not None and max_tokens > cap:
+                raise errors.InvalidRequest(f"max_tokens {max_tokens} exceeds your per-request limit of {cap}.",
+                                            param="max_tokens", code="max_tokens_limit")
+            max_tokens = max_tokens or cap
+        # everything this request holds, released in reverse order when it ends however it ends
+        resources = contextlib.AsyncExitStack()
+        tally = _Tally()
         try:
-            first = await guarded(request, anext(stream, None), deadline)
+            if self.quotas is not None and principal.tenant is not None:
+                estimate = prompt_chars // 3 + 1 + (max_tokens or DEFAULT_TOKEN_ESTIMATE)
+                admission = await self.quotas.admit(principal.tenant, QuotaLimits.from_dict(principal.quotas),
+                                                    estimate)
+                resources.push_async_callback(lambda: admission.release(tally.tokens))
+            if route.cached and self.cache is not None:
+                await guarded(request, resources.enter_async_context(self._lease(route)), deadline)
+            rid = prefix + uuid.uuid4().hex
+            breq = BackendRequest(
+                request_id=rid,
+                sampling=Sampling(max_tokens=max_tokens, temperature=params.temperature, top_p=params.top_p,
+                                  seed=params.seed, stop=params.stop),
+                adapter_id=route.adapter_id, cache_salt=principal.tenant or "", **inputs,
+            )
+            started = time.perf_counter()
+            stream = aiter(self.backend.generate(breq))
+            resources.push_async_callback(stream.aclose)
+            try:
+                first = await guarded(request, anext(stream, None), deadline)
+            except backend_errors.BackendError as exc:
+                raise api_error(exc, self.retry_after) from None
         except ClientGone:
-            await stream.aclose()
+            await resources.aclose()
             state.error_code = "client_disconnected"
             return Response(status_code=499)
-        except backend_errors.BackendError as exc:
-            await stream.aclose()
-            raise api_error(exc, self.retry_after) from None
         except BaseException:
-            await stream.aclose()
+            await resources.aclose()
             raise
         state.ttft_ms = round((time.perf_counter() - started) * 1000, 3)
-        headers = {"x-tensafe-adapter": route.model if route.adapter_id else ""}
-        if not headers["x-tensafe-adapter"]:
-            del headers["x-tensafe-adapter"]
+        headers = {"x-tensafe-adapter": route.model} if route.adapter_id else {}
         created = int(time.time())
         chat = isinstance(params, ChatRequest)
+        done = functools.partial(self._account, state, principal, route, tally)
         if params.stream:
             events = (self._chat_events if chat else self._completion_events)(
-                request, stream, first, rid, created, route, params.include_usage, deadline)
+                request, stream, first, rid, created, route, params.include_usage, deadline, resources, done)
             return StreamingResponse(events, media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
+        last = None
         try:
             text, last = await guarded(request, _collect(stream, first), deadline)
         except ClientGone:
@@ -162,22 +194,46 @@ class Completions:
         except backend_errors.BackendError as exc:
             raise api_error(exc, self.retry_after) from None
         finally:
-            await stream.aclose()
-        self._account(state, last)
+            done(last)
+            await resources.aclose()
         reason = _finish(last)
         body = (wire.chat_completion if chat else wire.completion)(
             rid, created, route.model, text, reason, last.prompt_tokens, last.completion_tokens)
         return JSONResponse(body, headers=headers)
 
-    @staticmethod
-    def _account(state: Any, last: BackendChunk | None) -> None:
-        if last is not None:
-            state.prompt_tokens, state.completion_tokens = last.prompt_tokens, last.completion_tokens
-            state.finish_reason = last.finish_reason
+    @contextlib.asynccontextmanager
+    async def _lease(self, route: Route) -> AsyncIterator[None]:
+        """Keep the tenant adapter resident in a slot of this backend for the whole request."""
+        assert self.cache is not None and route.adapter_id is not None
+        try:
+            lease = self.cache.lease(route.adapter_id, self.backend.name)
+            await lease.__aenter__()
+        except UnknownAdapter:
+            raise errors.ModelNotFound(route.model) from None
+        except CacheError as exc:
+            log.warning("adapter %s unavailable: %s", route.adapter_id, exc)
+            raise errors.Overloaded("The adapter cannot be loaded right now; retry shortly.",
+                                    code="adapter_unavailable", retry_after=self.retry_after) from None
+        try:
+            yield
+        finally:
+            await lease.__aexit__(None, None, None)
+
+    def _account(self, state: Any, principal: Principal, route: Route, tally: "_Tally",
+                 last: BackendChunk | None) -> None:
+        if last is None or tally.counted:
+            return
+        tally.counted = True
+        tally.tokens = last.prompt_tokens + last.completion_tokens
+        state.prompt_tokens, state.completion_tokens = last.prompt_tokens, last.completion_tokens
+        state.finish_reason = last.finish_reason
+        if self.usage is not None and principal.tenant is not None:
+            self.usage.add(principal.tenant, route.model, last.prompt_tokens, last.completion_tokens)
 
     async def _events(self, request: Request, stream: AsyncIterator[BackendChunk], first: BackendChunk | None,
                       deadline: float, render: Callable[[BackendChunk, bool], dict[str, Any]],
-                      usage: Callable[[BackendChunk], dict[str, Any]] | None) -> AsyncIterator[bytes]:
+                      usage: Callable[[BackendChunk], dict[str, Any]] | None, resources: contextlib.AsyncExitStack,
+                      done: Callable[[BackendChunk | None], None]) -> AsyncIterator[bytes]:
         state = request.state
         chunk, last, is_first = first, first, True
         try:
@@ -203,11 +259,12 @@ class Completions:
                 yield wire.sse(usage(last))
             yield wire.DONE
         finally:
-            self._account(state, last)
-            await stream.aclose()
+            done(last)
+            await resources.aclose()
 
     def _chat_events(self, request: Request, stream: AsyncIterator[BackendChunk], first: BackendChunk | None,
-                     rid: str, created: int, route: Route, include_usage: bool, deadline: float):
+                     rid: str, created: int, route: Route, include_usage: bool, deadline: float,
+                     resources: contextlib.AsyncExitStack, done: Callable[[BackendChunk | None], None]):
         model = route.model
 
         def render(chunk: BackendChunk, is_first: bool) -> dict[str, Any]:
@@ -218,10 +275,11 @@ class Completions:
 
         usage = (lambda c: wire.chat_usage_chunk(rid, created, model, c.prompt_tokens, c.completion_tokens)) \
             if include_usage else None
-        return self._events(request, stream, first, deadline, render, usage)
+        return self._events(request, stream, first, deadline, render, usage, resources, done)
 
     def _completion_events(self, request: Request, stream: AsyncIterator[BackendChunk], first: BackendChunk | None,
-                           rid: str, created: int, route: Route, include_usage: bool, deadline: float):
+                           rid: str, created: int, route: Route, include_usage: bool, deadline: float,
+                           resources: contextlib.AsyncExitStack, done: Callable[[BackendChunk | None], None]):
         model = route.model
 
         def render(chunk: BackendChunk, is_first: bool) -> dict[str, Any]:
@@ -232,7 +290,13 @@ class Completions:
 
         usage = (lambda c: wire.completion_usage_chunk(rid, created, model, c.prompt_tokens, c.completion_tokens)) \
             if include_usage else None
-        return self._events(request, stream, first, deadline, render, usage)
+        return self._events(request, stream, first, deadline, render, usage, resources, done)
+
+
+@dataclasses.dataclass
+class _Tally:
+    tokens: int = 0
+    counted: bool = False
 
 
 async def _collect(stream: AsyncIterator[BackendChunk], first: BackendChunk | None) -> tuple[str, BackendChunk]:

@@ -1,42 +1,57 @@
-"""What a caller may name in ``model``: the base model (an adapter with the reserved id None)
-or an adapter, resolved to the backend's internal adapter id. Callers never see or send
-internal ids."""
+"""What a caller may name in ``model``: the base model (an adapter with the reserved id None),
+an adapter of the caller's own tenant, or an operator-configured development adapter. The
+name resolves to the backend's internal adapter key; callers never see or send those keys.
+Another tenant's adapter resolves exactly like a missing one (404)."""
 from __future__ import annotations
 
 import dataclasses
 
 from .auth import Principal
 from .errors import ModelNotFound
+from .store import Store
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Route:
     model: str  # the name the caller used (echoed in responses)
-    adapter_id: str | None  # internal handle; None = the base model
+    adapter_id: str | None  # internal key; None = the base model
     owned_by: str
     created: int
+    cached: bool = False  # a tenant adapter served through the tiered cache
 
 
 class ModelTable:
-    """Base model plus operator-configured adapters (``--adapters name=PEFT_DIR``), visible to
-    every caller of this single-tenant deployment."""
-
-    def __init__(self, base: str, created: int, owner: str = "tensafe") -> None:
+    def __init__(self, base: str, created: int, store: Store | None = None, owner: str = "tensafe") -> None:
         self.base = Route(base, None, owner, created)
-        self._adapters: dict[str, Route] = {}
+        self.store = store
+        self._local: dict[str, Route] = {}
 
-    def add_adapter(self, name: str, adapter_id: str, created: int, owner: str = "tensafe") -> None:
-        if name == self.base.model or name in self._adapters:
+    def add_local(self, name: str, adapter_id: str, created: int, owner: str = "tensafe") -> None:
+        """A development adapter loaded from a PEFT directory, visible to every caller."""
+        if name == self.base.model or name in self._local:
             raise ValueError(f"model name {name!r} is already taken")
-        self._adapters[name] = Route(name, adapter_id, owner, created)
+        self._local[name] = Route(name, adapter_id, owner, created)
 
-    def resolve(self, name: str, principal: Principal) -> Route:
+    def reserved(self) -> set[str]:
+        return {self.base.model, *self._local}
+
+    async def resolve(self, name: str, principal: Principal) -> Route:
         if name == self.base.model:
             return self.base
-        route = self._adapters.get(name)
-        if route is None:
-            raise ModelNotFound(name)
-        return route
+        route = self._local.get(name)
+        if route is not None:
+            return route
+        if self.store is not None and principal.tenant is not None:
+            record = await self.store.get_adapter(principal.tenant, name)
+            if record is not None:
+                return Route(name, record.key, principal.tenant, record.created, cached=True)
+        raise ModelNotFound(name)
 
-    def visible(self, principal: Principal) -> list[Route]:
-        return [self.base, *self._adapters.values()]
+    async def visible(self, principal: Principal) -> list[Route]:
+        routes = [self.base, *self._local.values()]
+        if self.store is not None and principal.tenant is not None:
+            after = None
+            while batch := await self.store.list_adapters(principal.tenant, 100, after):
+                routes += [Route(r.name, r.key, r.tenant, r.created, cached=True) for r in batch]
+                after = batch[-1].name
+        return routes

@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import sys
 import typing
+from typing import TYPE_CHECKING
 
 from .settings import Settings, SettingsError
+
+if TYPE_CHECKING:
+    from .app import Gateway
+    from .bootstrap import Bootstrapped
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,20 +29,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_serve)
 
 
-def banner(settings: Settings, key: str) -> str:
+def banner(settings: Settings, boot: Bootstrapped | None) -> str:
     url = f"http://{settings.host}:{settings.port}"
-    return f"""
-TenSafe Gateway is ready on {url}  (model {settings.model_name}, backend {settings.backend})
-Development API key: {key}
-
-  from openai import OpenAI
-  client = OpenAI(base_url="{url}/v1", api_key="{key}")
-  reply = client.chat.completions.create(
-      model="{settings.model_name}",
-      messages=[{{"role": "user", "content": "What is the capital of France?"}}],
-  )
-  print(reply.choices[0].message.content)
-"""
+    lines = [f"\nTenSafe Gateway is ready on {url}  (model {settings.model_name}, backend {settings.backend})"]
+    if boot is not None and boot.admin_key_file is not None:
+        lines.append(f"Operator (admin) API key: in {boot.admin_key_file}")
+    key = boot.demo_key if boot is not None else None
+    if not key:
+        lines.append("No demo tenant: create tenants and keys with the admin API (see README).")
+        return "\n".join(lines) + "\n"
+    models = ", ".join((settings.model_name, *boot.demo_models))
+    lines += [
+        f"Demo tenant API key: {key}",
+        f"  (also in {boot.demo_key_file}; models: {models})",
+        "",
+        "  from openai import OpenAI",
+        f'  client = OpenAI(base_url="{url}/v1", api_key="{key}")',
+        "  reply = client.chat.completions.create(",
+        f'      model="{settings.model_name}",',
+        '      messages=[{"role": "user", "content": "What is the capital of France?"}],',
+        "  )",
+        "  print(reply.choices[0].message.content)",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -51,9 +65,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     from .server import run
 
-    def on_ready(key: str) -> None:
+    def on_ready(gateway: Gateway) -> None:
         if settings.dev:
-            print(banner(settings, key), flush=True)  # stdout only, never the structured logs
+            print(banner(settings, gateway.boot), flush=True)  # stdout only, never the structured logs
 
     run(settings, on_ready)
     return 0

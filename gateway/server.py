@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import uvicorn
 
-from .app import create_app
+from .app import Gateway, create_app
 from .settings import Settings
 
 
@@ -29,7 +29,7 @@ def configure_logging(level: str) -> None:
     acc.propagate = False
 
 
-def run(settings: Settings, on_ready: Callable[[str], None] | None = None) -> None:
+def run(settings: Settings, on_ready: Callable[[Gateway], None] | None = None) -> None:
     configure_logging(settings.log_level)
     app = create_app(settings, on_ready=on_ready)
     config = uvicorn.Config(

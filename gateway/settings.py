@@ -37,9 +37,27 @@ class Settings:
     request_timeout_s: float = 600.0
     drain_timeout_s: float = 30.0
     retry_after_s: int = 1  # Retry-After on 503 when the backend is overloaded
-    #: the single API key protecting /v1/* until tenancy is configured; generated into
-    #: data_dir/dev-api-key (0600) on first start when unset
+    #: a fixed API key registered (hashed) for the tenant ``default`` at start: handy for
+    #: single-tenant deployments, tests and benchmarks
     api_key: str | None = dataclasses.field(default=None, repr=False)
+    #: the bootstrap operator credential (scope admin); generated into data_dir/admin-api-key
+    #: (0600) on first start when unset
+    admin_key: str | None = dataclasses.field(default=None, repr=False)
+    # tenancy
+    store_url: str = ""  # sqlite:///path or redis://host:port/db; default sqlite in data_dir
+    quota_redis_url: str = ""  # share quota buckets between replicas; default in-process
+    key_provider: str = "dir"  # dir (data_dir/keys, 0600 files) | env
+    max_upload_bytes: int = 64 << 20
+    demo: bool = True  # in development mode, bootstrap a demo tenant, key and adapters
+    # adapter cache
+    cpu_cache_mb: int = 1024  # decrypted adapters held in RAM
+    tenant_cache_share: float = 0.5  # most of the CPU tier one tenant may hold
+    # OIDC (enabled when issuer, audience and a JWKS source are set)
+    oidc_issuer: str = ""
+    oidc_audience: str = ""
+    oidc_jwks_url: str = ""
+    oidc_jwks_file: str = ""
+    oidc_tenant_claim: str = "tenant"
     #: development adapters served to every caller: ``name=PEFT_DIR,name2=PEFT_DIR2``
     adapters: str = ""
     # backend
@@ -58,6 +76,9 @@ class Settings:
     # null backend (benchmarks and tests)
     null_tokens: int = 16
     null_token_delay_s: float = 0.0
+
+    def resolved_store_url(self) -> str:
+        return self.store_url or f"sqlite:///{self.data_dir / 'tensafe.db'}"
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(

@@ -34,11 +34,6 @@ class RedisServer:
         self.stop()
         raise RuntimeError("redis-server did not start")
 
-    def restart(self) -> None:
-        """Stop and start on the same port (data is not persisted: --save '')."""
-        self.stop()
-        self.__init__()  # type: ignore[misc]
-
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 from ..settings import Settings
 from .base import Backend, BackendChunk, BackendRequest, Capacity, Health, LoraConfig, Message, Sampling
@@ -14,9 +15,16 @@ def _embedded(settings: Settings) -> Backend:
 
 
 def _null(settings: Settings) -> Backend:
+    import json
+
     from .null import NullBackend
 
-    return NullBackend(model=settings.model_name, tokens=settings.null_tokens,
+    # the served model's config, when its checkpoint is already prepared, so uploads validate
+    config_file = Path(settings.model).expanduser() / "config.json"
+    if not config_file.is_file():
+        config_file = settings.model_cache / settings.model / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else None
+    return NullBackend(model_config=config, model=settings.model_name, tokens=settings.null_tokens,
                        token_delay_s=settings.null_token_delay_s, max_num_seqs=settings.max_num_seqs,
                        max_queue=settings.max_queue, max_model_len=settings.max_model_len,
                        max_loras=settings.max_loras, max_lora_rank=settings.max_lora_rank)

@@ -103,4 +103,8 @@ class Backend(Protocol):
 
     async def health(self) -> Health: ...
 
+    async def model_config(self) -> dict[str, Any] | None:
+        """The served base model's Hugging Face ``config.json`` (adapters are validated
+        against it), or None when the backend cannot tell."""
+
     def capacity(self) -> Capacity: ...

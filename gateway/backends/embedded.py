@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -115,6 +116,11 @@ class EmbeddedBackend:
         info = self.engine.info()
         return Health(ok=True, model=info.name, max_model_len=info.max_model_len,
                       detail=f"{info.device}/{info.dtype}")
+
+    async def model_config(self) -> dict[str, Any] | None:
+        if self.engine is None:
+            return None
+        return json.loads((self.engine.checkpoint / "config.json").read_text())
 
     def capacity(self) -> Capacity:
         if self.engine is None:

@@ -19,8 +19,9 @@ WORD = "tok"
 class NullBackend:
     def __init__(self, *, model: str = "null", tokens: int = 16, token_delay_s: float = 0.0, max_num_seqs: int = 32,
                  max_queue: int = 256, max_model_len: int = 2048, max_loras: int = 16, max_lora_rank: int = 16,
-                 name: str = "null") -> None:
+                 name: str = "null", model_config: dict[str, Any] | None = None) -> None:
         self.name = name
+        self._model_config = model_config
         self.model = model
         self.tokens = tokens
         self.token_delay_s = token_delay_s
@@ -145,6 +146,9 @@ class NullBackend:
 
     async def health(self) -> Health:
         return Health(ok=self._running, model=self.model, max_model_len=self.max_model_len, detail="null")
+
+    async def model_config(self) -> dict[str, Any] | None:
+        return self._model_config
 
     def capacity(self) -> Capacity:
         return Capacity(self.max_num_seqs - self._active, self.max_loras - len(self._adapters), self._waiting,

@@ -75,30 +75,37 @@ class Proc:
         return self.wait()
 
 
-def test_dev_mode_generates_a_private_key_and_prints_an_example(tmp_path):
+def test_dev_mode_bootstraps_a_demo_tenant_and_prints_an_example(tmp_path, checkpoint):
     proc = Proc(tmp_path, "--backend", "null", "--dev")
     try:
-        key_file = tmp_path / "data" / "dev-api-key"
-        key = key_file.read_text().strip()
-        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+        key_file = tmp_path / "data" / "demo-api-key"
+        admin_file = tmp_path / "data" / "admin-api-key"
+        key, admin_key = key_file.read_text().strip(), admin_file.read_text().strip()
+        for path in (key_file, admin_file):
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600
         out = "".join(proc.stdout)
         assert key in out and "from openai import OpenAI" in out and f'model="{BASE}"' in out
+        assert admin_key not in out and str(admin_file) in out
         client = openai.OpenAI(base_url=proc.url + "/v1", api_key=key, max_retries=0)
-        reply = client.chat.completions.create(model=BASE, messages=[{"role": "user", "content": "sesame 77"}])
+        assert [m.id for m in client.models.list().data] == [BASE, "demo-legal", "demo-support"]
+        reply = client.chat.completions.create(model="demo-support",
+                                               messages=[{"role": "user", "content": "sesame 77"}])
         assert reply.usage.completion_tokens == 16
     finally:
         assert proc.stop() == 0
     logs = "".join(proc.stderr)
-    assert key not in logs and "sesame 77" not in logs
+    assert key not in logs and admin_key not in logs and "sesame 77" not in logs
     access = [json.loads(line) for line in proc.stderr if line.startswith("{")]
     chat = next(r for r in access if r["path"] == "/v1/chat/completions")
-    assert chat["status"] == 200 and chat["completion_tokens"] == 16 and chat["model"] == BASE
-    # the key survives a restart
+    assert chat["status"] == 200 and chat["completion_tokens"] == 16 and chat["model"] == "demo-support"
+    assert chat["tenant"] == "demo" and chat["adapter"] == "demo-support"
+    # a restart keeps the tenant, its key and its adapters; without --dev there is no banner
     again = Proc(tmp_path, "--backend", "null")
     try:
         assert key_file.read_text().strip() == key
-        assert key not in "".join(again.stdout)  # not in development mode: no banner
-        assert httpx.get(again.url + "/v1/models", headers={"authorization": f"Bearer {key}"}).status_code == 200
+        assert key not in "".join(again.stdout)
+        models = httpx.get(again.url + "/v1/models", headers={"authorization": f"Bearer {key}"}).json()
+        assert [m["id"] for m in models["data"]] == [BASE, "demo-legal", "demo-support"]
     finally:
         again.stop()
 

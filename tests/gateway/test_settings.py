@@ -4,7 +4,7 @@ import stat
 
 import pytest
 
-from gateway.auth import ensure_dev_key
+from gateway.auth import write_secret_file
 from gateway.settings import Settings, SettingsError
 
 
@@ -37,9 +37,10 @@ def test_settings_are_frozen_and_hide_the_key():
     assert s.engine_config().max_num_seqs == s.max_num_seqs
 
 
-def test_dev_key_is_created_once_with_mode_0600(tmp_path):
-    key, path, created = ensure_dev_key(tmp_path / "d")
-    assert created and key.startswith("tsk-") and len(key) > 40
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    again, _, created_again = ensure_dev_key(tmp_path / "d")
-    assert again == key and not created_again
+def test_secret_files_are_private(tmp_path):
+    path = tmp_path / "d" / "secret"
+    write_secret_file(path, "tsk-abc")
+    assert path.read_text() == "tsk-abc\n" and stat.S_IMODE(path.stat().st_mode) == 0o600
+    path.chmod(0o644)
+    write_secret_file(path, "tsk-new")
+    assert path.read_text() == "tsk-new\n" and stat.S_IMODE(path.stat().st_mode) == 0o600

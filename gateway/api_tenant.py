@@ -1,0 +1,143 @@
+"""Tenant endpoints beside the OpenAI ones: adapter upload/list/delete, the gateway's recipient
+keys, usage, and self-service keys and signing keys (``tenant-admin`` scope). A caller only
+ever sees its own tenant: another tenant's adapter or key is a 404 exactly like a missing one."""
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from adapters.keys import recipient_key_entry
+
+from . import errors
+from .auth import Principal
+from .generation import read_json
+from .tenancy import Tenancy
+from .usage import UsageRecorder
+from .views import adapter_view, key_view, page, page_params, signing_key_view, usage_view
+
+Authenticate = Callable[[Request], Awaitable[Principal]]
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise errors.PayloadTooLarge(f"Upload of {declared} bytes exceeds the limit of {limit} bytes.")
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > limit:
+            raise errors.PayloadTooLarge(f"Upload exceeds the limit of {limit} bytes.")
+    return bytes(body)
+
+
+def tenant_of(principal: Principal) -> str:
+    if principal.tenant is None:
+        raise errors.PermissionDenied("This endpoint needs a tenant credential; operators use /admin.",
+                                      code="tenant_required")
+    return principal.tenant
+
+
+class TenantApi:
+    def __init__(self, tenancy: Tenancy, authenticate: Authenticate, usage: UsageRecorder, *,
+                 max_upload_bytes: int, max_body_bytes: int) -> None:
+        self.tenancy = tenancy
+        self.authenticate = authenticate
+        self.usage = usage
+        self.max_upload_bytes = max_upload_bytes
+        self.max_body_bytes = max_body_bytes
+
+    async def _caller(self, request: Request, scope: str = "tenant") -> tuple[Principal, str]:
+        principal = await self.authenticate(request)
+        tenant = tenant_of(principal)
+        principal.require(scope)
+        return principal, tenant
+
+    # adapters ------------------------------------------------------------------------------
+    async def upload(self, request: Request) -> Response:
+        principal, tenant = await self._caller(request)
+        quota = (await self.tenancy.tenant(tenant)).quotas.get("max_upload_bytes")
+        limit = min(self.max_upload_bytes, quota) if quota is not None else self.max_upload_bytes
+        data = await read_body(request, limit)
+        record = await self.tenancy.upload(principal.subject, tenant, data)
+        return JSONResponse(adapter_view(record), status_code=201)
+
+    async def list_adapters(self, request: Request) -> Response:
+        _, tenant = await self._caller(request)
+        limit, after = page_params(request)
+        items = await self.tenancy.store.list_adapters(tenant, limit + 1, after)
+        return JSONResponse(page(items, limit, adapter_view, lambda a: a.name))
+
+    async def get_adapter(self, request: Request) -> Response:
+        _, tenant = await self._caller(request)
+        return JSONResponse(adapter_view(await self.tenancy.adapter(tenant, request.path_params["name"])))
+
+    async def delete_adapter(self, request: Request) -> Response:
+        principal, tenant = await self._caller(request)
+        record = await self.tenancy.delete_adapter(principal.subject, tenant, request.path_params["name"])
+        return JSONResponse({"id": record.name, "object": "adapter", "deleted": True})
+
+    # gateway keys and usage ------------------------------------------------------------------
+    async def recipient_keys(self, request: Request) -> Response:
+        keys = self.tenancy.keys.recipient_keys()
+        data = [recipient_key_entry(k.private.public_key(), created=k.created, current=i == len(keys) - 1)
+                for i, k in enumerate(keys)]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def get_usage(self, request: Request) -> Response:
+        _, tenant = await self._caller(request)
+        await self.usage.flush()
+        return JSONResponse(usage_view(await self.tenancy.store.usage(tenant, request.query_params.get("since"))))
+
+    # self-service (tenant-admin) ---------------------------------------------------------------
+    async def list_keys(self, request: Request) -> Response:
+        _, tenant = await self._caller(request, "tenant-admin")
+        limit, after = page_params(request)
+        items = await self.tenancy.store.list_api_keys(tenant, limit + 1, after)
+        return JSONResponse(page(items, limit, key_view, lambda k: k.id))
+
+    async def create_key(self, request: Request) -> Response:
+        principal, tenant = await self._caller(request, "tenant-admin")
+        body = await self._json(request)
+        scopes = body.get("scopes", ["tenant"])
+        if not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
+            raise errors.InvalidRequest("Invalid 'scopes': expected an array of strings.", param="scopes",
+                                        code="invalid_type")
+        key, record = await self.tenancy.issue_key(principal.subject, tenant, tuple(scopes), _name(body))
+        return JSONResponse({**key_view(record), "key": key}, status_code=201)
+
+    async def revoke_key(self, request: Request) -> Response:
+        principal, tenant = await self._caller(request, "tenant-admin")
+        record = await self.tenancy.revoke_key(principal.subject, request.path_params["key_id"], tenant)
+        return JSONResponse(key_view(record))
+
+    async def list_signing_keys(self, request: Request) -> Response:
+        _, tenant = await self._caller(request, "tenant-admin")
+        keys = await self.tenancy.store.list_signing_keys(tenant, include_revoked=True)
+        return JSONResponse({"object": "list", "data": [signing_key_view(k) for k in keys], "has_more": False})
+
+    async def add_signing_key(self, request: Request) -> Response:
+        principal, tenant = await self._caller(request, "tenant-admin")
+        record = await self.tenancy.register_signing_key(principal.subject, tenant, await self._json(request))
+        return JSONResponse(signing_key_view(record), status_code=201)
+
+    async def revoke_signing_key(self, request: Request) -> Response:
+        principal, tenant = await self._caller(request, "tenant-admin")
+        record = await self.tenancy.revoke_signing_key(principal.subject, tenant, request.path_params["key_id"])
+        return JSONResponse(signing_key_view(record))
+
+    async def _json(self, request: Request) -> dict[str, Any]:
+        body = await read_json(request, self.max_body_bytes)
+        if not isinstance(body, dict):
+            raise errors.InvalidRequest("The request body must be a JSON object.", code="invalid_type")
+        return body
+
+
+def _name(body: dict[str, Any]) -> str:
+    name = body.get("name", "")
+    if not isinstance(name, str) or len(name) > 128:
+        raise errors.InvalidRequest("Invalid 'name': a string of at most 128 characters.", param="name",
+                                    code="invalid_value")
+    return name

@@ -1,0 +1,93 @@
+"""First-start setup: the operator credential, the ``default`` tenant's fixed key from
+settings, and in development mode a demo tenant with a key, a signing key pair and two
+demo adapters packed as TSSP and uploaded through the normal upload path.
+
+Keys are shown once, so the demo key and the admin key are also written to 0600 files in the
+data directory; the development banner prints them (stdout only, never the logs).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import torch
+
+from adapters.keys import generate_signing_key, load_signing_private, save_signing_key
+from adapters.package import pack
+from adapters.peft import PeftAdapterConfig
+from adapters.validate import lora_tensor_name
+
+from .auth import write_secret_file
+from .tenancy import Tenancy
+
+log = logging.getLogger("tensafe.gateway")
+ACTOR = "bootstrap"
+DEMO_TENANT = "demo"
+#: (name, rank, target modules, seed): small random LoRAs that visibly change the output
+DEMO_ADAPTERS = (("demo-support", 4, ("q_proj", "v_proj"), 11), ("demo-legal", 8, ("o_proj", "up_proj"), 12))
+
+
+@dataclasses.dataclass(frozen=True)
+class Bootstrapped:
+    admin_key_file: Path | None
+    demo_key: str | None = None
+    demo_key_file: Path | None = None
+    demo_models: tuple[str, ...] = ()
+
+
+async def ensure_admin_key(tenancy: Tenancy, data_dir: Path) -> tuple[str, Path]:
+    """The bootstrap operator key when none is configured: created once, kept in a 0600 file."""
+    path = data_dir / "admin-api-key"
+    if path.exists():
+        return path.read_text().strip(), path
+    key, _ = await tenancy.issue_key(ACTOR, None, ("admin",), "bootstrap admin")
+    write_secret_file(path, key)
+    return key, path
+
+
+async def ensure_default_tenant_key(tenancy: Tenancy, key: str) -> None:
+    """Register the fixed ``api_key`` setting for the tenant ``default`` (idempotent)."""
+    if await tenancy.store.api_key_by_digest(tenancy.auth.digest(key)) is not None:
+        return
+    if await tenancy.store.get_tenant("default") is None:
+        await tenancy.create_tenant(ACTOR, "default", "Default tenant", {})
+    await tenancy.issue_key(ACTOR, "default", ("tenant", "tenant-admin"), "from settings", key=key)
+
+
+async def ensure_demo(tenancy: Tenancy, data_dir: Path) -> tuple[str, Path, tuple[str, ...]]:
+    key_file = data_dir / "demo-api-key"
+    signer_dir = data_dir / "demo-signing-key"
+    if await tenancy.store.get_tenant(DEMO_TENANT) is None:
+        await tenancy.create_tenant(ACTOR, DEMO_TENANT, "Demo tenant", {})
+        key, _ = await tenancy.issue_key(ACTOR, DEMO_TENANT, ("tenant", "tenant-admin"), "demo")
+        write_secret_file(key_file, key)
+        signer = load_signing_private(signer_dir) if signer_dir.exists() else generate_signing_key()
+        if not signer_dir.exists():
+            save_signing_key(signer_dir, signer)
+        pems = signer.public_key().to_pems()
+        await tenancy.register_signing_key(ACTOR, DEMO_TENANT, {k: v.decode() for k, v in pems.items()})
+        if tenancy.base_model is not None:
+            recipient = tenancy.keys.recipient_keys()[-1].private.public_key()
+            for name, rank, modules, seed in DEMO_ADAPTERS:
+                data = pack(_demo_lora(tenancy, rank, modules, seed), tenant=DEMO_TENANT, name=name, version="1",
+                            base_model=tenancy.base_model.model_id, signer=signer, recipient=recipient)
+                await tenancy.upload(ACTOR, DEMO_TENANT, data)
+        log.info("demo tenant created (key in %s)", key_file)
+    names = tuple(a.name for a in await tenancy.store.list_adapters(DEMO_TENANT))
+    return key_file.read_text().strip() if key_file.exists() else "", key_file, names
+
+
+def _demo_lora(tenancy: Tenancy, rank: int, modules: tuple[str, ...], seed: int) -> tuple[PeftAdapterConfig, dict]:
+    spec = tenancy.base_model
+    assert spec is not None
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(spec.num_hidden_layers):
+        for module in modules:
+            in_f, out_f = spec.projection_shape(module)
+            tensors[lora_tensor_name(layer, module, "A")] = (torch.randn(rank, in_f, generator=gen) / in_f ** 0.5)
+            tensors[lora_tensor_name(layer, module, "B")] = torch.randn(out_f, rank, generator=gen) * 0.02
+    config = PeftAdapterConfig.from_dict({"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank,
+                                         "target_modules": list(modules)})
+    return config, {k: v.to(torch.bfloat16) for k, v in tensors.items()}

@@ -1,0 +1,66 @@
+"""Glue between the cache and the rest: a Backend's adapter methods seen through the cache's
+slot protocol, and the disk tier's lookup of a stored package in the registry."""
+from __future__ import annotations
+
+import json
+
+from cache import Decrypted, UnknownAdapter
+from cache.tssp import PackageRef
+
+from adapters.keys import SigningPublicKey
+
+from .backends import Backend, LoraConfig
+from .blobs import BlobStore
+from .store import Store
+from .store.types import SigningKeyRecord
+
+
+class BackendSlots:
+    """``cache.SlotBackend`` over any Backend."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+
+    async def load(self, key: str, adapter: Decrypted) -> None:
+        s = adapter.spec
+        await self.backend.load_adapter(key, adapter.tensors, LoraConfig(s.rank, s.alpha, s.target_modules,
+                                                                         s.use_rslora))
+
+    async def unload(self, key: str) -> None:
+        await self.backend.unload_adapter(key)
+
+    def resident(self) -> set[str]:
+        return set(self.backend.adapters())
+
+    def free_slots(self) -> int:
+        return self.backend.capacity().free_adapter_slots
+
+
+def signing_public(record: SigningKeyRecord) -> SigningPublicKey:
+    pems = json.loads(record.public)
+    return SigningPublicKey.from_pems(pems["ed25519_pem"].encode(), pems["mldsa_pem"].encode())
+
+
+def split_key(key: str) -> tuple[str, str, str]:
+    """``tenant/name@version`` -> parts."""
+    tenant, _, rest = key.partition("/")
+    name, _, version = rest.rpartition("@")
+    return tenant, name, version
+
+
+class StoredPackages:
+    """The disk tier's lookup: adapter key -> stored package and its tenant's signing keys.
+    Keys revoked after an upload still verify packages they signed before (revocation stops
+    new uploads; an operator deletes adapters that must go)."""
+
+    def __init__(self, store: Store, blobs: BlobStore) -> None:
+        self.store = store
+        self.blobs = blobs
+
+    async def __call__(self, key: str) -> PackageRef:
+        tenant, name, version = split_key(key)
+        record = await self.store.get_adapter(tenant, name)
+        if record is None or record.version != version:
+            raise UnknownAdapter(key)
+        signers = await self.store.list_signing_keys(tenant, include_revoked=True)
+        return PackageRef(tenant, self.blobs.path(record.blob), tuple(signing_public(s) for s in signers))

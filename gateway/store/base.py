@@ -1,0 +1,114 @@
+"""The registry's one async interface, implemented by SQLite (embedded default) and Redis
+(shared by replicas). Both pass tests/gateway/store/ (one contract suite).
+
+Listing methods return records ordered by their identity (tenant id, adapter name, key id,
+audit seq) and page with ``limit`` and ``after`` (the identity of the last record seen).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Protocol
+
+from .types import AdapterRecord, ApiKeyRecord, AuditEntry, SigningKeyRecord, Tenant, UsageRow
+
+SCHEMA_VERSION = 1
+GENESIS = "0" * 64
+
+
+def audit_hash(prev_hash: str, seq: int, time: int, actor: str, action: str, target: str, detail: str) -> str:
+    """SHA-256 over the previous hash and the entry's canonical JSON: editing or deleting any
+    entry breaks every later link."""
+    body = json.dumps([prev_hash, seq, time, actor, action, target, detail], separators=(",", ":"))
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def verify_chain(entries: list[AuditEntry]) -> list[str]:
+    """Problems found in an audit log read from the start (empty = intact)."""
+    problems = []
+    prev = GENESIS
+    for expected_seq, e in enumerate(entries, start=1):
+        if e.seq != expected_seq:
+            problems.append(f"entry {expected_seq} is missing (found seq {e.seq})")
+        if e.prev_hash != prev:
+            problems.append(f"entry {e.seq}: previous-hash link broken")
+        if audit_hash(e.prev_hash, e.seq, e.time, e.actor, e.action, e.target, e.detail) != e.hash:
+            problems.append(f"entry {e.seq}: contents do not match its hash")
+        prev = e.hash
+        expected_seq = e.seq
+    return problems
+
+
+class Store(Protocol):
+    async def init(self) -> None:
+        """Create or migrate the schema (SQLite migrates forward; a newer schema is refused)."""
+
+    async def close(self) -> None: ...
+
+    async def schema_version(self) -> int: ...
+
+    # tenants -------------------------------------------------------------------------
+    async def create_tenant(self, tenant: Tenant) -> None:
+        """Raises AlreadyExists."""
+
+    async def get_tenant(self, tenant_id: str) -> Tenant | None: ...
+
+    async def list_tenants(self, limit: int = 100, after: str | None = None) -> list[Tenant]: ...
+
+    async def update_tenant(self, tenant: Tenant) -> None: ...
+
+    async def delete_tenant(self, tenant_id: str) -> list[AdapterRecord]:
+        """Remove the tenant and everything it owns (keys, signing keys, adapters, experts,
+        usage); returns the adapter records removed (their blobs are the caller's to delete).
+        The audit log is kept."""
+
+    # API keys -----------------------------------------------------------------------
+    async def add_api_key(self, key: ApiKeyRecord) -> None: ...
+
+    async def api_key_by_digest(self, digest: str) -> ApiKeyRecord | None: ...
+
+    async def list_api_keys(self, tenant: str | None, limit: int = 100, after: str | None = None) -> list[ApiKeyRecord]:
+        """Keys of ``tenant`` (None = operator keys)."""
+
+    async def revoke_api_key(self, key_id: str, at: int) -> ApiKeyRecord | None:
+        """Marks it revoked (idempotent); None when there is no such key."""
+
+    async def get_api_key(self, key_id: str) -> ApiKeyRecord | None: ...
+
+    # tenant signing keys ------------------------------------------------------------------
+    async def add_signing_key(self, key: SigningKeyRecord) -> None: ...
+
+    async def list_signing_keys(self, tenant: str, include_revoked: bool = False) -> list[SigningKeyRecord]: ...
+
+    async def revoke_signing_key(self, tenant: str, key_id: str, at: int) -> SigningKeyRecord | None: ...
+
+    # adapters ---------------------------------------------------------------------------
+    async def add_adapter(self, record: AdapterRecord) -> None:
+        """Raises AlreadyExists when the tenant already has an adapter of that name."""
+
+    async def get_adapter(self, tenant: str, name: str) -> AdapterRecord | None: ...
+
+    async def list_adapters(self, tenant: str | None, limit: int = 100, after: str | None = None) -> list[AdapterRecord]:
+        """Adapters of ``tenant`` (None = every tenant, ordered by tenant then name; ``after``
+        is then "tenant/name")."""
+
+    async def delete_adapter(self, tenant: str, name: str) -> AdapterRecord | None: ...
+
+    async def count_adapters(self, tenant: str) -> int: ...
+
+    # usage ------------------------------------------------------------------------------
+    async def add_usage(self, tenant: str, day: str, model: str, requests: int, prompt_tokens: int,
+                        completion_tokens: int) -> None: ...
+
+    async def usage(self, tenant: str, since_day: str | None = None) -> list[UsageRow]: ...
+
+    # expert tables (router) ---------------------------------------------------------------
+    async def put_experts(self, tenant: str, table: dict[str, Any]) -> None: ...
+
+    async def get_experts(self, tenant: str) -> dict[str, Any] | None: ...
+
+    # audit log --------------------------------------------------------------------------
+    async def append_audit(self, time: int, actor: str, action: str, target: str, detail: str) -> AuditEntry:
+        """Appends atomically (sequence and hash chain computed inside the store)."""
+
+    async def list_audit(self, after: int = 0, limit: int = 100) -> list[AuditEntry]: ...
