@@ -97,8 +97,8 @@ class Gateway:
         self.blobs = BlobStore(settings.data_dir / "blobs")
         self.models = ModelTable(settings.model_name, int(time.time()), self.store)
         self.usage = UsageRecorder(self.store)
-        self.quotas: Quotas = RedisQuotas(redis_from_url(settings.quota_redis_url)) if settings.quota_redis_url \
-            else InProcessQuotas()
+        self._quota_redis = redis_from_url(settings.quota_redis_url) if settings.quota_redis_url else None
+        self.quotas: Quotas = RedisQuotas(self._quota_redis) if self._quota_redis is not None else InProcessQuotas()
         self.cache: AdapterCache | None = None
         self.tenancy: Tenancy | None = None
         self.completions: Completions | None = None
@@ -162,6 +162,8 @@ class Gateway:
             await self.cache.close()
         await self.backend.close()
         await self.quotas.close()
+        if self._quota_redis is not None:
+            await self._quota_redis.aclose()
         if self.oidc is not None:
             await self.oidc.close()
         await self.store.close()
