@@ -1,5 +1,5 @@
 """The registry's one async interface, implemented by SQLite (embedded default) and Redis
-(shared by replicas). Both pass tests/gateway/store/ (one contract suite).
+(shared by replicas). Both pass tests/gateway/test_store.py (one contract suite).
 
 Listing methods return records ordered by their identity (tenant id, adapter name, key id,
 audit seq) and page with ``limit`` and ``after`` (the identity of the last record seen).

@@ -200,8 +200,8 @@ class SqliteStore:
 
     async def list_adapters(self, tenant: str | None, limit: int = 100, after: str | None = None) -> list[AdapterRecord]:
         if tenant is None:
-            rows = self.db.execute("SELECT * FROM adapters WHERE tenant || '/' || name > ? ORDER BY tenant, name "
-                                   "LIMIT ?", (after or "", limit))
+            rows = self.db.execute("SELECT * FROM adapters WHERE (tenant, name) > (?, ?) ORDER BY tenant, name LIMIT ?",
+                                   (*(after or "").partition("/")[::2], limit))
         else:
             rows = self.db.execute("SELECT * FROM adapters WHERE tenant = ? AND name > ? ORDER BY name LIMIT ?",
                                    (tenant, after or "", limit))
