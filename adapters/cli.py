@@ -99,7 +99,18 @@ def _read_package(path: str) -> bytes:
 
 
 def _recipient(path: str) -> RecipientPublicKey:
-    """A directory of public PEMs, or the gateway's recipient key JSON document."""
+    """A directory of public PEMs, the gateway's recipient key JSON document, or its URL
+    (``https://gateway/v1/tssp/recipient``)."""
+    if path.startswith(("https://", "http://")):
+        import httpx
+
+        try:
+            response = httpx.get(path, timeout=30, follow_redirects=True)
+            response.raise_for_status()
+            document = response.json()
+        except (httpx.HTTPError, ValueError) as exc:
+            raise KeyFileError(f"cannot fetch the recipient key document: {exc}") from None
+        return current_recipient_from_document(document)
     if Path(path).is_dir():
         return load_recipient_public(path)
     return current_recipient_from_document(_read_json(path, "recipient key document"))
@@ -192,8 +203,9 @@ def cmd_adapter_verify(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def register(subparsers: Any) -> None:
-    """Add the ``keys`` and ``adapter`` command groups to an argparse subparsers object."""
+def register(subparsers: Any) -> dict[str, Any]:
+    """Add the ``keys`` and ``adapter`` command groups to an argparse subparsers object;
+    returns the groups' subparsers so other packages can add verbs to them."""
     def add(group: Any, name: str, handler: Any, help_text: str) -> argparse.ArgumentParser:
         parser = group.add_parser(name, help=help_text, description=help_text)
         parser.add_argument("-v", "--verbose", action="store_true",
@@ -239,3 +251,4 @@ def register(subparsers: Any) -> None:
                    help="recipient private key directory (repeatable): decrypt and validate")
     p.add_argument("--base-config", metavar="CONFIG_JSON",
                    help="base model config.json to validate shapes against")
+    return {"keys": key_cmds, "adapter": cmds}

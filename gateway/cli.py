@@ -15,15 +15,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="tensafe", description="TenSafe Gateway: multi-tenant LoRA serving")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    from adapters import cli as adapters_cli
+
+    from . import admin_cli, serve_cli
+
     engine_cli.register(sub)
-    for module in ("adapters.cli", "gateway.serve_cli"):
-        try:
-            mod = __import__(module, fromlist=["register"])
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-            continue
-        mod.register(sub)
+    groups = adapters_cli.register(sub)
+    serve_cli.register(sub)
+    admin_cli.register(sub, groups)
     return parser
 
 
