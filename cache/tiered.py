@@ -36,6 +36,9 @@ class _Device:
     slots: SlotBackend
     order: dict[str, None] = dataclasses.field(default_factory=dict)  # resident, least recent first
     leases: dict[str, int] = dataclasses.field(default_factory=dict)
+    #: requests between "my adapter is loaded" and taking their lease: not evictable, or two
+    #: requests for different adapters could keep evicting each other's fresh load (livelock)
+    pending: dict[str, int] = dataclasses.field(default_factory=dict)
     loading: dict[str, asyncio.Task] = dataclasses.field(default_factory=dict)
     doomed: set[str] = dataclasses.field(default_factory=set)  # unload when the last lease ends
     room: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
@@ -148,7 +151,7 @@ class AdapterCache:
             if key in dev.order:
                 return
             while dev.slots.free_slots() <= 0:
-                victim = next((k for k in dev.order if not dev.leases.get(k)), None)
+                victim = next((k for k in dev.order if not dev.leases.get(k) and not dev.pending.get(k)), None)
                 if victim is None:  # every slot serves a request: wait for one to end
                     async with dev.released:
                         await dev.released.wait()
@@ -169,13 +172,26 @@ class AdapterCache:
     async def lease(self, key: str, backend: str) -> AsyncIterator[None]:
         """Make ``key`` resident on ``backend`` and keep it there until the block exits."""
         dev = self._device(backend)
-        while True:
-            if key in dev.doomed:
-                raise UnknownAdapter(key)
-            await self.load(key, backend)
-            if key in dev.order:  # still resident once this task resumed
-                break
-        dev.leases[key] = dev.leases.get(key, 0) + 1
+        dev.pending[key] = dev.pending.get(key, 0) + 1
+        leased = False
+        try:
+            while True:
+                if key in dev.doomed:
+                    raise UnknownAdapter(key)
+                await self.load(key, backend)
+                if key in dev.order:  # still resident once this task resumed
+                    break
+            dev.leases[key] = dev.leases.get(key, 0) + 1
+            leased = True
+        finally:
+            left = dev.pending[key] - 1
+            if left:
+                dev.pending[key] = left
+            else:
+                del dev.pending[key]
+            if not leased:
+                async with dev.released:
+                    dev.released.notify_all()
         try:
             yield
         finally:

@@ -171,3 +171,29 @@ async def test_decrypted_weights_are_never_written_to_disk(cache: AdapterCache, 
     await cache.fetch("b/ad4")
     assert {d: sorted(os.listdir(d)) for d in dirs} == before
     assert os.listdir(tmp_path) == []
+
+
+async def test_requests_for_different_adapters_do_not_evict_each_others_fresh_loads(cache: AdapterCache,
+                                                                                    slots) -> None:
+    """One slot pinned by a long request, one free slot, and two adapters wanted at once: a
+    fresh load must stay until its request takes the lease (no eviction ping-pong)."""
+    release = asyncio.Event()
+
+    async def hold() -> None:
+        async with cache.lease("a/ad0", "embedded"):
+            await release.wait()
+
+    holder = asyncio.create_task(hold())
+    while cache.stats()["device"]["embedded"]["leased"] < 1:
+        await asyncio.sleep(0.01)
+    served: list[str] = []
+
+    async def use(key: str) -> None:
+        async with cache.lease(key, "embedded"):
+            served.append(key)
+            await asyncio.sleep(0)
+
+    await asyncio.wait_for(asyncio.gather(*(use(k) for _ in range(10) for k in ("a/ad1", "a/ad2"))), 30)
+    assert sorted(served) == ["a/ad1"] * 10 + ["a/ad2"] * 10
+    release.set()
+    await holder

@@ -104,3 +104,21 @@ async def test_oidc_tokens_authenticate_tenants(tmp_path, checkpoint, oidc_key):
         await client.patch("/admin/tenants/a", json={"suspended": True}, headers={"authorization": f"Bearer {ADMIN}"})
         r = await client.get("/v1/models", headers=ok)
         assert r.status_code == 403
+
+
+def test_pack_fetches_the_recipient_key_from_the_gateway_url(tmp_path, checkpoint):
+    from adapters.keys import generate_signing_key, save_signing_key
+    from adapters.package import read_unverified_manifest
+    from tests.adapters.builders import SMOLLM2, lora_tensors, peft_config, write_peft_dir
+
+    app = create_app(settings(tmp_path, admin_key=ADMIN, api_key=None))
+    with Server(app) as server:
+        save_signing_key(tmp_path / "signer", generate_signing_key())
+        src = write_peft_dir(tmp_path / "peft", peft_config(2, ("q_proj",)), lora_tensors(SMOLLM2, 2, ("q_proj",)))
+        out = tmp_path / "bot.tssp"
+        code = main(["adapter", "pack", str(src), "--tenant", "a", "--name", "bot", "--base-model", BASE,
+                     "--sign", str(tmp_path / "signer"), "--recipient", server.url + "/v1/tssp/recipient",
+                     "-o", str(out)])
+        assert code == 0
+        current = server.gateway.keys.recipient_keys()[-1].key_id
+        assert read_unverified_manifest(out.read_bytes()).recipient_key_id == current
