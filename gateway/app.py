@@ -31,6 +31,8 @@ from .blobs import BlobStore
 from .bootstrap import Bootstrapped, ensure_admin_key, ensure_default_tenant_key, ensure_demo
 from .generation import Completions
 from .keyprovider import PROVIDERS
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import BackendCollector, CacheCollector, Metrics
 from .middleware import GatewayMiddleware
 from .models import ModelTable
 from .protocol import responses as wire
@@ -105,6 +107,9 @@ class Gateway:
         self.tenant_api: TenantApi | None = None
         self.admin_api: AdminApi | None = None
         self.boot: Bootstrapped | None = None
+        self.metrics = Metrics()
+        self.metrics.add_collector(CacheCollector(lambda: self.cache.stats() if self.cache is not None else None))
+        self.metrics.add_collector(BackendCollector(backend))
         self.ready = False
 
     async def start(self) -> None:
@@ -188,6 +193,12 @@ class Gateway:
             return JSONResponse({"status": "ready", "model": self.settings.model_name})
         return JSONResponse({"status": "starting", "detail": health.detail}, status_code=503)
 
+    async def metrics_endpoint(self, request: Request) -> Response:
+        principal = await self.principal_of(request)
+        if not principal.is_admin:
+            raise errors.PermissionDenied("Metrics need an admin credential.", code="admin_required")
+        return Response(self.metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
     async def list_models(self, request: Request) -> Response:
         principal = await self.principal(request)
         cards = [wire.model_card(r.model, r.created, r.owned_by) for r in await self.models.visible(principal)]
@@ -218,6 +229,7 @@ class Gateway:
         return [
             Route("/health", self.health, methods=["GET"]),
             Route("/ready", self.ready_check, methods=["GET"]),
+            Route("/metrics", self.metrics_endpoint, methods=["GET"]),
             Route("/v1/models", self.list_models, methods=["GET"]),
             Route("/v1/models/{model:path}", self.get_model, methods=["GET"]),
             Route("/v1/chat/completions", self.chat, methods=["POST"]),
@@ -283,7 +295,8 @@ def create_app(settings: Settings, backend: Backend | None = None,
 
     app = Starlette(
         routes=gateway.routes(), lifespan=lifespan,
-        middleware=[Middleware(GatewayMiddleware, access_log_enabled=settings.access_log)],
+        middleware=[Middleware(GatewayMiddleware, access_log_enabled=settings.access_log,
+                               observe=gateway.metrics.observe)],
         exception_handlers={errors.ApiError: _api_error, HTTPException: _http_error},
     )
     app.state.gateway = gateway

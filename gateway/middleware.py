@@ -12,6 +12,8 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Callable
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -27,9 +29,11 @@ LOGGED_STATE = ("tenant", "model", "adapter", "ttft_ms", "prompt_tokens", "compl
 
 
 class GatewayMiddleware:
-    def __init__(self, app: ASGIApp, *, access_log_enabled: bool = True) -> None:
+    def __init__(self, app: ASGIApp, *, access_log_enabled: bool = True,
+                 observe: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.app = app
         self.access_log_enabled = access_log_enabled
+        self.observe = observe  # metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -70,10 +74,12 @@ class GatewayMiddleware:
                 await send({"type": "http.response.body", "body": body})
                 status = 500
         finally:
+            record = {"request_id": request_id, "method": scope["method"], "path": scope["path"],
+                      "status": status or 499, "latency_ms": round((time.perf_counter() - start) * 1000, 3)}
+            for key in LOGGED_STATE:
+                if state.get(key) is not None:
+                    record[key] = state[key]
+            if self.observe is not None:
+                self.observe(record)
             if self.access_log_enabled:
-                record = {"request_id": request_id, "method": scope["method"], "path": scope["path"],
-                          "status": status or 499, "latency_ms": round((time.perf_counter() - start) * 1000, 3)}
-                for key in LOGGED_STATE:
-                    if state.get(key) is not None:
-                        record[key] = state[key]
                 access_log.info(json.dumps(record, separators=(",", ":")))
