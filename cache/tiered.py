@@ -205,6 +205,10 @@ class AdapterCache:
             async with dev.released:
                 dev.released.notify_all()
 
+    def resident(self, key: str, backend: str) -> bool:
+        """Whether ``key`` is in a slot of ``backend`` right now (no counters touched)."""
+        return key in self._device(backend).order
+
     def prefetch(self, key: str, backend: str | None = None) -> asyncio.Task:
         """Warm ``key`` ahead of a request (errors are recorded, not raised)."""
         coro = self.load(key, backend) if backend else self.fetch(key)

@@ -13,7 +13,11 @@ from adapters.keys import recipient_key_entry
 
 from . import errors
 from .auth import Principal
+from router import ExpertTable
+
 from .generation import read_json
+from .protocol import parse_chat
+from .routing import AUTO, AutoRouter, decision_view, routing_text
 from .tenancy import Tenancy
 from .usage import UsageRecorder
 from .views import adapter_view, key_view, page, page_params, signing_key_view, usage_view
@@ -41,8 +45,9 @@ def tenant_of(principal: Principal) -> str:
 
 
 class TenantApi:
-    def __init__(self, tenancy: Tenancy, authenticate: Authenticate, usage: UsageRecorder, *,
+    def __init__(self, tenancy: Tenancy, authenticate: Authenticate, usage: UsageRecorder, auto: AutoRouter, *,
                  max_upload_bytes: int, max_body_bytes: int) -> None:
+        self.auto = auto
         self.tenancy = tenancy
         self.authenticate = authenticate
         self.usage = usage
@@ -127,6 +132,47 @@ class TenantApi:
         principal, tenant = await self._caller(request, "tenant-admin")
         record = await self.tenancy.revoke_signing_key(principal.subject, tenant, request.path_params["key_id"])
         return JSONResponse(signing_key_view(record))
+
+    # experts and model "auto" ----------------------------------------------------------------
+    async def get_experts(self, request: Request) -> Response:
+        _, tenant = await self._caller(request)
+        table = await self.auto.table(tenant)
+        if table is None:
+            raise errors.NotFound("No expert table: PUT /v1/experts to create one.", code="no_expert_table")
+        return JSONResponse({"object": "expert_table", **table.to_dict()})
+
+    async def put_experts(self, request: Request) -> Response:
+        principal, tenant = await self._caller(request, "tenant-admin")
+        body = await self._json(request)
+        body.pop("object", None)
+        try:
+            table = ExpertTable.from_dict(body)
+        except (ValueError, TypeError) as exc:
+            raise errors.InvalidRequest(f"Invalid expert table: {exc}", param="experts",
+                                        code="invalid_value") from None
+        base = self.tenancy.reserved
+        for expert in table.experts:
+            if expert.adapter not in base and await self.tenancy.store.get_adapter(tenant, expert.adapter) is None:
+                raise errors.InvalidRequest(f"Expert '{expert.name}' names adapter '{expert.adapter[:64]}', which "
+                                            "you do not have.", param="experts", code="adapter_not_found")
+        await self.tenancy.store.put_experts(tenant, table.to_dict())
+        await self.tenancy.audit(principal.subject, "experts.put", tenant,
+                                 experts=[e.name for e in table.experts])
+        return JSONResponse({"object": "expert_table", **table.to_dict()})
+
+    async def route(self, request: Request) -> Response:
+        principal, tenant = await self._caller(request)
+        body = await self._json(request)
+        prompt = body.get("prompt")
+        if prompt is None and "messages" in body:
+            chat = parse_chat({"model": AUTO, "messages": body["messages"]})
+            text = routing_text(chat.messages)
+        elif isinstance(prompt, str) and prompt:
+            text = prompt
+        else:
+            raise errors.InvalidRequest("Send 'messages' (chat) or 'prompt' (a non-empty string).", param="prompt",
+                                        code="missing_required_parameter")
+        return JSONResponse(decision_view(await self.auto.decide(tenant, text)))
 
     async def _json(self, request: Request) -> dict[str, Any]:
         body = await read_json(request, self.max_body_bytes)

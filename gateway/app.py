@@ -38,6 +38,7 @@ from .models import ModelTable
 from .protocol import responses as wire
 from .quotas import InProcessQuotas, Quotas, RedisQuotas
 from .residency import BackendSlots, StoredPackages
+from .routing import AutoRouter
 from .settings import Settings
 from .store import open_store
 from .tenancy import Tenancy
@@ -99,6 +100,7 @@ class Gateway:
         self.blobs = BlobStore(settings.data_dir / "blobs")
         self.models = ModelTable(settings.model_name, int(time.time()), self.store)
         self.usage = UsageRecorder(self.store)
+        self.auto = AutoRouter(self.store)
         self._quota_redis = redis_from_url(settings.quota_redis_url) if settings.quota_redis_url else None
         self.quotas: Quotas = RedisQuotas(self._quota_redis) if self._quota_redis is not None else InProcessQuotas()
         self.cache: AdapterCache | None = None
@@ -127,9 +129,9 @@ class Gateway:
         self.tenancy = Tenancy(self.store, self.auth, self.keys, self.blobs, self.cache, base, self.models.reserved())
         self.completions = Completions(self.backend, self.models, max_body_bytes=s.max_body_bytes,
                                        request_timeout_s=s.request_timeout_s, retry_after_s=s.retry_after_s,
-                                       cache=self.cache, quotas=self.quotas, usage=self.usage)
-        self.tenant_api = TenantApi(self.tenancy, self.principal_of, self.usage, max_upload_bytes=s.max_upload_bytes,
-                                    max_body_bytes=s.max_body_bytes)
+                                       cache=self.cache, quotas=self.quotas, usage=self.usage, auto=self.auto)
+        self.tenant_api = TenantApi(self.tenancy, self.principal_of, self.usage, self.auto,
+                                    max_upload_bytes=s.max_upload_bytes, max_body_bytes=s.max_body_bytes)
         self.admin_api = AdminApi(self.tenancy, self.principal_of, self.usage, self.cache,
                                   max_body_bytes=s.max_body_bytes)
         self.boot = await self._bootstrap()
@@ -163,6 +165,7 @@ class Gateway:
     async def stop(self) -> None:
         self.ready = False
         await self.usage.stop()
+        await self.auto.close()
         if self.cache is not None:
             await self.cache.close()
         await self.backend.close()
@@ -240,6 +243,9 @@ class Gateway:
             Route("/v1/adapters/{name}", t("delete_adapter"), methods=["DELETE"]),
             Route("/v1/tssp/recipient", t("recipient_keys"), methods=["GET"]),
             Route("/v1/usage", t("get_usage"), methods=["GET"]),
+            Route("/v1/experts", t("get_experts"), methods=["GET"]),
+            Route("/v1/experts", t("put_experts"), methods=["PUT"]),
+            Route("/v1/route", t("route"), methods=["POST"]),
             Route("/v1/keys", t("list_keys"), methods=["GET"]),
             Route("/v1/keys", t("create_key"), methods=["POST"]),
             Route("/v1/keys/{key_id}", t("revoke_key"), methods=["DELETE"]),

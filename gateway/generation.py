@@ -31,6 +31,7 @@ from .models import ModelTable, Route
 from .protocol import ChatRequest, CompletionRequest, parse_chat, parse_completion
 from .protocol import responses as wire
 from .quotas import QuotaLimits, Quotas
+from .routing import AUTO, AutoRouter, routing_text
 from .usage import UsageRecorder
 
 log = logging.getLogger("tensafe.gateway")
@@ -105,8 +106,9 @@ async def guarded(request: Request, awaitable: Awaitable[T], deadline: float) ->
 class Completions:
     def __init__(self, backend: Backend, models: ModelTable, *, max_body_bytes: int, request_timeout_s: float,
                  retry_after_s: int, cache: AdapterCache | None = None, quotas: Quotas | None = None,
-                 usage: UsageRecorder | None = None) -> None:
+                 usage: UsageRecorder | None = None, auto: AutoRouter | None = None) -> None:
         self.backend = backend
+        self.auto = auto
         self.models = models
         self.max_body_bytes = max_body_bytes
         self.timeout = request_timeout_s
@@ -135,7 +137,16 @@ class Completions:
             state.ignored_fields = list(params.ignored)
             log.info("request %s: ignored fields not defined by OpenAI: %s", state.request_id,
                      ", ".join(f[:64] for f in params.ignored[:20]))
-        route = await self.models.resolve(params.model, principal)
+        headers: dict[str, str] = {}
+        if params.model == AUTO and self.auto is not None:
+            route = await self._auto_route(request, principal, inputs)
+            if state.expert:
+                headers["x-tensafe-expert"] = state.expert
+            if route.cached and self.cache is not None and not self.cache.resident(route.adapter_id,
+                                                                                  self.backend.name):
+                self.cache.prefetch(route.adapter_id, self.backend.name)  # load while quotas are checked
+        else:
+            route = await self.models.resolve(params.model, principal)
         state.model, state.adapter = route.model, route.model if route.adapter_id else None
         max_tokens = params.max_tokens
         cap = principal.quotas.get("max_tokens")
@@ -177,7 +188,8 @@ class Completions:
             await resources.aclose()
             raise
         state.ttft_ms = round((time.perf_counter() - started) * 1000, 3)
-        headers = {"x-tensafe-adapter": route.model} if route.adapter_id else {}
+        if route.adapter_id:
+            headers["x-tensafe-adapter"] = route.model
         created = int(time.time())
         chat = isinstance(params, ChatRequest)
         done = functools.partial(self._account, state, principal, route, tally)
@@ -200,6 +212,23 @@ class Completions:
         body = (wire.chat_completion if chat else wire.completion)(
             rid, created, route.model, text, reason, last.prompt_tokens, last.completion_tokens)
         return JSONResponse(body, headers=headers)
+
+    async def _auto_route(self, request: Request, principal: Principal, inputs: dict[str, Any]) -> Route:
+        assert self.auto is not None
+        if inputs.get("prompt_token_ids") is not None:
+            raise errors.InvalidRequest("model 'auto' needs a text prompt, not token ids.", param="prompt",
+                                        code="invalid_value")
+        decision = await self.auto.decide(principal.tenant, routing_text(inputs.get("messages"),
+                                                                         inputs.get("prompt")))
+        request.state.expert = decision.expert
+        request.state.route_method = decision.method
+        name = decision.adapter or self.models.base.model
+        try:
+            return await self.models.resolve(name, principal)
+        except errors.ModelNotFound:
+            log.warning("expert %s names adapter %s, which does not exist; serving the base model",
+                        decision.expert, name[:64])
+            return self.models.base
 
     @contextlib.asynccontextmanager
     async def _lease(self, route: Route) -> AsyncIterator[None]:
