@@ -34,11 +34,11 @@ from .types import Decision, ExpertTable
 @dataclass(frozen=True)
 class RouterConfig:
     keyword_threshold: float = 0.4
-    neural_threshold: float = 0.4
-    temperature: float = 0.03
+    neural_threshold: float = 0.5
+    temperature: float = 0.02
     evidence: float = 2.0  # keyword pseudo-weight that damps confidence (see keywords.py)
-    blend: float = 0.4  # share of the keyword votes in the neural stage
-    include_keywords: bool = False  # keyword phrase as one more text of each centroid
+    blend: float = 0.0  # share of the keyword votes in the neural stage (0: not blended)
+    include_keywords: bool = True  # keyword phrase as one more text of each centroid
     cache_size: int = 256
 
     def __post_init__(self) -> None:
