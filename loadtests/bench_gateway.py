@@ -16,11 +16,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 from gateway.backends import BackendRequest, Message, Sampling
@@ -90,13 +90,13 @@ async def http_round(port: int, n: int, tokens: int) -> tuple[list[float], list[
     return [r[0] for r in results], [r[1] for r in results]
 
 
-def start_gateway(args: argparse.Namespace) -> tuple[subprocess.Popen, int]:
+def start_gateway(args: argparse.Namespace, data_dir: str) -> tuple[subprocess.Popen, int]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "gateway.cli", "serve", "--backend", "null", "--port", str(port), "--api-key", KEY,
            "--null-tokens", str(args.tokens), "--null-token-delay-s", str(args.token_delay_ms / 1000),
-           "--max-num-seqs", str(args.requests), "--log-level", "warning", "--data-dir", os.devnull + ".d"]
+           "--max-num-seqs", str(args.requests), "--log-level", "warning", "--data-dir", data_dir]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -120,7 +120,8 @@ async def main_async(args: argparse.Namespace) -> dict:
         t, e = await direct_round(backend, args.requests, args.tokens, rnd)
         d_ttft += t
         d_e2e += e
-    proc, port = start_gateway(args)
+    data_dir = tempfile.TemporaryDirectory(prefix="tensafe-bench-")
+    proc, port = start_gateway(args, data_dir.name)
     try:
         g_ttft: list[float] = []
         g_e2e: list[float] = []
@@ -133,6 +134,7 @@ async def main_async(args: argparse.Namespace) -> dict:
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
+        data_dir.cleanup()
     direct, gateway = summary(d_ttft, d_e2e), summary(g_ttft, g_e2e)
     added = {k: round(gateway[k] - direct[k], 3) for k in direct}
     return {
