@@ -339,3 +339,21 @@ async def test_max_tokens_cap_and_concurrency_quota(tmp_path, checkpoint):
         assert done.json()["usage"]["completion_tokens"] == 8  # the cap is the default max_tokens
         r = await client.post(CHAT, json={"model": BASE, "messages": HELLO}, headers=w.h("q"))
         assert r.status_code == 200
+
+
+async def test_admin_cache_pin_unpin_evict_and_stats(world):
+    admin = world.h("admin")
+    r = await world.client.post("/admin/cache/a/a-bot/pin", headers=admin)
+    assert r.status_code == 200 and r.json()["pinned"] is True and "cpu" in r.json()["tiers"]
+    r = await world.client.post("/admin/cache/a/a-bot/evict", headers=admin)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "cache_conflict"
+    assert (await world.client.post("/admin/cache/a/a-bot/unpin", headers=admin)).json()["pinned"] is False
+    r = await world.client.post("/admin/cache/a/a-bot/evict", headers=admin)
+    assert r.status_code == 200 and "cpu" not in r.json()["tiers"]
+    assert (await world.client.post("/admin/cache/b/a-bot/pin", headers=admin)).status_code == 404
+    stats = (await world.client.get("/admin/cache", headers=admin)).json()
+    assert stats["enabled"] and stats["fetches"] >= 1 and stats["cpu"]["budget_bytes"] == 1024 << 20
+    tenant = (await world.client.get("/admin/cache", params={"tenant": "a"}, headers=admin)).json()
+    assert tenant["cpu_adapters"] == 0
+    audit = (await world.client.get("/admin/audit", headers=admin)).json()["data"]
+    assert [e["action"] for e in audit[-3:]] == ["cache.pin", "cache.unpin", "cache.evict"]
