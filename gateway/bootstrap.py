@@ -24,7 +24,8 @@ from .tenancy import Tenancy
 log = logging.getLogger("tensafe.gateway")
 ACTOR = "bootstrap"
 DEMO_TENANT = "demo"
-#: (name, rank, target modules, seed): small random LoRAs that visibly change the output
+#: (name, rank, target modules, seed): small random LoRAs close to identity: they show the upload,
+#: cache and routing path end to end, not a skill
 DEMO_ADAPTERS = (("demo-support", 4, ("q_proj", "v_proj"), 11), ("demo-legal", 8, ("o_proj", "up_proj"), 12))
 
 
