@@ -184,24 +184,15 @@ class AdapterCache:
             dev.leases[key] = dev.leases.get(key, 0) + 1
             leased = True
         finally:
-            left = dev.pending[key] - 1
-            if left:
-                dev.pending[key] = left
-            else:
-                del dev.pending[key]
+            _decrement(dev.pending, key)
             if not leased:
                 async with dev.released:
                     dev.released.notify_all()
         try:
             yield
         finally:
-            left = dev.leases[key] - 1
-            if left:
-                dev.leases[key] = left
-            else:
-                del dev.leases[key]
-                if key in dev.doomed:
-                    await self._unload(dev, key)
+            if not _decrement(dev.leases, key) and key in dev.doomed:
+                await self._unload(dev, key)
             async with dev.released:
                 dev.released.notify_all()
 
@@ -325,6 +316,16 @@ class AdapterCache:
         for dev in self._devices.values():
             for task in list(dev.loading.values()):
                 task.cancel()
+
+
+def _decrement(counts: dict[str, int], key: str) -> int:
+    """Count one holder of ``key`` out; the entry goes when none is left. Returns what is left."""
+    left = counts[key] - 1
+    if left:
+        counts[key] = left
+    else:
+        del counts[key]
+    return left
 
 
 def _reason(exc: BaseException) -> str:

@@ -12,7 +12,7 @@ from cache import AdapterCache, CacheError
 
 from . import errors
 from .auth import Principal
-from .generation import read_json
+from .bodies import read_object, scopes_field
 from .quotas import QuotaLimits
 from .store import verify_chain
 from .tenancy import Tenancy
@@ -48,10 +48,7 @@ class AdminApi:
         return principal.subject
 
     async def _json(self, request: Request) -> dict[str, Any]:
-        body = await read_json(request, self.max_body_bytes)
-        if not isinstance(body, dict):
-            raise errors.InvalidRequest("The request body must be a JSON object.", code="invalid_type")
-        return body
+        return await read_object(request, self.max_body_bytes)
 
     # tenants ----------------------------------------------------------------------------------
     async def create_tenant(self, request: Request) -> Response:
@@ -101,14 +98,11 @@ class AdminApi:
     async def create_key(self, request: Request) -> Response:
         actor = await self._admin(request)
         body = await self._json(request)
-        scopes = body.get("scopes", ["tenant"])
-        if not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
-            raise errors.InvalidRequest("Invalid 'scopes': expected an array of strings.", param="scopes",
-                                        code="invalid_type")
+        scopes = scopes_field(body)
         name = body.get("name", "")
         if not isinstance(name, str):
             raise errors.InvalidRequest("Invalid 'name': expected a string.", param="name", code="invalid_type")
-        key, record = await self.tenancy.issue_key(actor, request.path_params["tenant"], tuple(scopes), name)
+        key, record = await self.tenancy.issue_key(actor, request.path_params["tenant"], scopes, name)
         return JSONResponse({**key_view(record), "key": key}, status_code=201)
 
     async def list_keys(self, request: Request) -> Response:

@@ -15,7 +15,7 @@ from . import errors
 from .auth import Principal
 from router import ExpertTable
 
-from .generation import read_json
+from .bodies import read_body, read_object, scopes_field
 from .protocol import parse_chat
 from .routing import AUTO, AutoRouter, decision_view, routing_text
 from .tenancy import Tenancy
@@ -23,18 +23,6 @@ from .usage import UsageRecorder
 from .views import adapter_view, key_view, page, page_params, signing_key_view, usage_view
 
 Authenticate = Callable[[Request], Awaitable[Principal]]
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise errors.PayloadTooLarge(f"Upload of {declared} bytes exceeds the limit of {limit} bytes.")
-    body = bytearray()
-    async for part in request.stream():
-        body += part
-        if len(body) > limit:
-            raise errors.PayloadTooLarge(f"Upload exceeds the limit of {limit} bytes.")
-    return bytes(body)
 
 
 def tenant_of(principal: Principal) -> str:
@@ -65,7 +53,7 @@ class TenantApi:
         principal, tenant = await self._caller(request)
         quota = (await self.tenancy.tenant(tenant)).quotas.get("max_upload_bytes")
         limit = min(self.max_upload_bytes, quota) if quota is not None else self.max_upload_bytes
-        data = await read_body(request, limit)
+        data = await read_body(request, limit, "Upload")
         record = await self.tenancy.upload(principal.subject, tenant, data)
         return JSONResponse(adapter_view(record), status_code=201)
 
@@ -106,11 +94,8 @@ class TenantApi:
     async def create_key(self, request: Request) -> Response:
         principal, tenant = await self._caller(request, "tenant-admin")
         body = await self._json(request)
-        scopes = body.get("scopes", ["tenant"])
-        if not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
-            raise errors.InvalidRequest("Invalid 'scopes': expected an array of strings.", param="scopes",
-                                        code="invalid_type")
-        key, record = await self.tenancy.issue_key(principal.subject, tenant, tuple(scopes), _name(body))
+        key, record = await self.tenancy.issue_key(principal.subject, tenant, scopes_field(body),
+                                                   _name(body))
         return JSONResponse({**key_view(record), "key": key}, status_code=201)
 
     async def revoke_key(self, request: Request) -> Response:
@@ -175,10 +160,7 @@ class TenantApi:
         return JSONResponse(decision_view(await self.auto.decide(tenant, text)))
 
     async def _json(self, request: Request) -> dict[str, Any]:
-        body = await read_json(request, self.max_body_bytes)
-        if not isinstance(body, dict):
-            raise errors.InvalidRequest("The request body must be a JSON object.", code="invalid_type")
-        return body
+        return await read_object(request, self.max_body_bytes)
 
 
 def _name(body: dict[str, Any]) -> str:

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
-import json
 import logging
 import time
 import uuid
@@ -27,6 +26,7 @@ from . import errors
 from .auth import Principal
 from .backends import errors as backend_errors
 from .backends.base import Backend, BackendChunk, BackendRequest, Message, Sampling
+from .bodies import read_json
 from .models import ModelTable, Route
 from .protocol import ChatRequest, CompletionRequest, parse_chat, parse_completion
 from .protocol import responses as wire
@@ -58,22 +58,6 @@ def api_error(exc: backend_errors.BackendError, retry_after: int) -> errors.ApiE
                                  code="adapter_unavailable", retry_after=retry_after)
     return errors.Overloaded("The model backend is unavailable.", code="backend_unavailable",
                              retry_after=retry_after)
-
-
-async def read_json(request: Request, limit: int) -> Any:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise errors.PayloadTooLarge(f"Request body of {declared} bytes exceeds the limit of {limit} bytes.")
-    body = bytearray()
-    async for part in request.stream():
-        body += part
-        if len(body) > limit:
-            raise errors.PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes.")
-    try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise errors.InvalidRequest("We could not parse the JSON body of your request. The body must be valid "
-                                    "JSON.", code="invalid_json") from None
 
 
 async def _until_disconnect(request: Request) -> None:
