@@ -21,30 +21,36 @@ class UsageRecorder:
     def __init__(self, store: Store, interval_s: float = 2.0) -> None:
         self.store = store
         self.interval_s = interval_s
-        self._pending: collections.Counter[tuple[str, str, str, str]] = collections.Counter()
+        #: (tenant, day, model) -> [requests, prompt tokens, completion tokens] not yet written
+        self._pending: dict[tuple[str, str, str], list[int]] = collections.defaultdict(lambda: [0, 0, 0])
         self._task: asyncio.Task | None = None
 
     def add(self, tenant: str, model: str, prompt_tokens: int, completion_tokens: int) -> None:
-        day = today()
-        self._pending[(tenant, day, model, "requests")] += 1
-        self._pending[(tenant, day, model, "prompt")] += prompt_tokens
-        self._pending[(tenant, day, model, "completion")] += completion_tokens
+        row = self._pending[(tenant, today(), model)]
+        row[0] += 1
+        row[1] += prompt_tokens
+        row[2] += completion_tokens
 
     async def flush(self) -> None:
-        pending, self._pending = self._pending, collections.Counter()
-        rows: dict[tuple[str, str, str], dict[str, int]] = collections.defaultdict(dict)
-        for (tenant, day, model, field), value in pending.items():
-            rows[(tenant, day, model)][field] = value
-        for (tenant, day, model), v in rows.items():
-            await self.store.add_usage(tenant, day, model, v.get("requests", 0), v.get("prompt", 0),
-                                       v.get("completion", 0))
+        """Write what was counted; rows the store refused stay pending for the next flush."""
+        pending, self._pending = self._pending, collections.defaultdict(lambda: [0, 0, 0])
+        rows = list(pending.items())
+        for i, ((tenant, day, model), (requests, prompt, completion)) in enumerate(rows):
+            try:
+                await self.store.add_usage(tenant, day, model, requests, prompt, completion)
+            except BaseException:
+                for key, counts in rows[i:]:
+                    row = self._pending[key]
+                    for j, value in enumerate(counts):
+                        row[j] += value
+                raise
 
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self.interval_s)
             try:
                 await self.flush()
-            except Exception:  # noqa: BLE001 - keep counting; the next flush retries nothing lost twice
+            except Exception:  # noqa: BLE001 - keep counting; the unwritten rows wait for the next flush
                 log.exception("usage flush failed")
 
     def start(self) -> None:

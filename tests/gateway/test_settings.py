@@ -44,3 +44,23 @@ def test_secret_files_are_private(tmp_path):
     path.chmod(0o644)
     write_secret_file(path, "tsk-new")
     assert path.read_text() == "tsk-new\n" and stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+async def test_usage_rows_the_store_refuses_wait_for_the_next_flush(tmp_path):
+    from gateway.store import open_store
+    from gateway.usage import UsageRecorder, today
+
+    store = open_store(f"sqlite:///{tmp_path / 'u.db'}")
+    await store.init()
+    recorder = UsageRecorder(store)
+    recorder.add("t", "m", 10, 5)
+    recorder.add("t", "m", 1, 2)
+    await store.close()  # the store is unavailable: the flush fails ...
+    with pytest.raises(RuntimeError):
+        await recorder.flush()
+    recorder.add("t", "m", 100, 0)
+    await store.init()
+    await recorder.flush()  # ... and nothing counted is lost
+    rows = await store.usage("t")
+    assert [(r.day, r.requests, r.prompt_tokens, r.completion_tokens) for r in rows] == [(today(), 3, 111, 7)]
+    await store.close()
