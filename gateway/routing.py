@@ -3,7 +3,6 @@ adapter. The sentence encoder loads on first use, off the event loop, once per g
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from typing import Any
@@ -22,7 +21,7 @@ class AutoRouter:
         self.store = store
         self._router: Router | None = None
         self._loading = asyncio.Lock()
-        self._tables: dict[str, tuple[str, ExpertTable]] = {}  # tenant -> (json, parsed)
+        self._tables: dict[str, tuple[dict[str, Any], ExpertTable]] = {}  # tenant -> (stored, parsed)
 
     async def router(self) -> Router:
         if self._router is None:
@@ -38,10 +37,9 @@ class AutoRouter:
         raw = await self.store.get_experts(tenant)
         if raw is None:
             return None
-        text = json.dumps(raw, sort_keys=True)
         cached = self._tables.get(tenant)
-        if cached is None or cached[0] != text:
-            cached = (text, ExpertTable.from_dict(raw))
+        if cached is None or cached[0] != raw:
+            cached = (raw, ExpertTable.from_dict(raw))
             self._tables[tenant] = cached
         return cached[1]
 
