@@ -41,6 +41,8 @@ class _Device:
     pending: dict[str, int] = dataclasses.field(default_factory=dict)
     loading: dict[str, asyncio.Task] = dataclasses.field(default_factory=dict)
     doomed: set[str] = dataclasses.field(default_factory=set)  # unload when the last lease ends
+    capacity: int = 0  # slots in all
+    admitted: int = 0  # loads given a slot and still copying (outside ``room``)
     room: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
     released: asyncio.Condition = dataclasses.field(default_factory=asyncio.Condition)
 
@@ -57,9 +59,14 @@ class AdapterCache:
         cpu_budget_bytes: int,
         tenant_share: float = 0.5,
         failure_ttl_s: float = 30.0,
+        prepare: Callable[[Decrypted], Decrypted] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``prepare`` (blocking, run off the loop after every fetch) turns an opened adapter into
+        the form the CPU tier keeps: the gateway passes its backend's slot layout, so a warm load
+        is a plain copy. It may raise to refuse the adapter (marked failed like a bad package)."""
         self.source = source
+        self._prepare = prepare
         self.counters = CacheCounters()
         self._cpu: ByteLRU[Decrypted] = ByteLRU(cpu_budget_bytes, owner_share=tenant_share, name="cpu")
         self._devices: dict[str, _Device] = {}
@@ -72,7 +79,9 @@ class AdapterCache:
 
     # ---- backends -----------------------------------------------------------------------
     def add_backend(self, name: str, slots: SlotBackend) -> None:
-        self._devices[name] = _Device(name, slots, order={k: None for k in slots.resident()})
+        resident = slots.resident()
+        self._devices[name] = _Device(name, slots, order={k: None for k in resident},
+                                      capacity=slots.free_slots() + len(resident))
 
     def _device(self, backend: str) -> _Device:
         try:
@@ -106,6 +115,8 @@ class AdapterCache:
         self.counters.fetches += 1
         try:
             adapter = await self.source.open(key)
+            if self._prepare is not None:
+                adapter = await asyncio.to_thread(self._prepare, adapter)
         except UnknownAdapter:
             raise
         except AdapterUnavailable as exc:
@@ -147,20 +158,32 @@ class AdapterCache:
     async def _load(self, dev: _Device, key: str) -> None:
         adapter = await self.fetch(key)
         t0 = time.perf_counter()
-        async with dev.room:
+        async with dev.room:  # choosing victims and taking a slot; the copy itself runs outside
             if key in dev.order:
                 return
-            while dev.slots.free_slots() <= 0:
+            while self._full(dev):
                 victim = next((k for k in dev.order if not dev.leases.get(k) and not dev.pending.get(k)), None)
-                if victim is None:  # every slot serves a request: wait for one to end
+                if victim is None:  # every slot serves a request or is loading: wait for one
                     async with dev.released:
                         await dev.released.wait()
                     continue
                 await self._unload(dev, victim)
+            dev.admitted += 1
+        try:  # several loads copy at once (the engine batches them between two steps)
             await dev.slots.load(key, adapter)
             dev.touch(key)
+        finally:
+            dev.admitted -= 1
+            async with dev.released:  # a load waiting for room may now find a victim
+                dev.released.notify_all()
         self.counters.loads += 1
         self.counters.load_latency.observe(time.perf_counter() - t0)
+
+    @staticmethod
+    def _full(dev: _Device) -> bool:
+        if dev.admitted:  # the backend may or may not count those loads yet: count them here
+            return len(dev.order) + dev.admitted >= dev.capacity
+        return dev.slots.free_slots() <= 0
 
     async def _unload(self, dev: _Device, key: str) -> None:
         await dev.slots.unload(key)

@@ -4,6 +4,7 @@ Knows nothing of tenants, HTTP or packages: adapters arrive as plain tensors.
 """
 from .config import DEFAULT_MODEL, EngineConfig
 from .engine import Engine
+from .lora import StackedLora
 from .errors import (
     AdapterError,
     AdapterExists,
@@ -36,5 +37,5 @@ __all__ = [
     "AdapterNotFound", "AdapterRankTooLarge", "AdapterSlotsFull", "ContextLengthExceeded", "EngineClosed",
     "EngineError", "EngineOverloaded", "InvalidAdapter", "InvalidRequest", "ModelLoadError", "LORA_TARGETS",
     "AdapterConfig", "Capacity", "ChatMessage", "FinishReason", "GenerationChunk", "GenerationRequest",
-    "ModelInfo", "SamplingParams",
+    "ModelInfo", "SamplingParams", "StackedLora",
 ]

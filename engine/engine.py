@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
+import functools
 import itertools
 import logging
 import os
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -29,7 +31,7 @@ from .errors import (
     InvalidRequest,
 )
 from .kv_cache import KVCache, plan_slots
-from .lora import LoraSlots
+from .lora import LoraSlots, StackedLora
 from .model.checkpoint import resolve_checkpoint
 from .model.llama import LlamaModel
 from .model.rope import Rope
@@ -132,7 +134,8 @@ class Engine:
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Abort everything still running and stop the step thread."""
-        self._closed = True
+        with self._lock:
+            self._closed = True
         self._inbox.put(("stop", None))
         self._wake.set()
         if self._thread is not None:
@@ -165,8 +168,55 @@ class Engine:
     def adapters(self) -> list[str]:
         return self.lora.ids()
 
+    def prepare_adapter(self, adapter_id: str, tensors: Mapping[str, torch.Tensor], config: AdapterConfig) -> StackedLora:
+        """Validate an adapter and lay it out for the slots (blocking, any thread). Keeping the
+        result instead of the raw tensors makes every later ``load_adapter`` a few strided copies."""
+        return self.lora.prepare(adapter_id, tensors, config)
+
     def load_adapter(self, adapter_id: str, tensors: Mapping[str, torch.Tensor], config: AdapterConfig) -> None:
-        self.lora.load(adapter_id, tensors, config)
+        """Copy an adapter (PEFT tensors or a StackedLora from ``prepare_adapter``) into a free
+        slot. Blocking; the copy itself runs on the step thread, between two steps."""
+        stacked = self.lora.prepare(adapter_id, tensors, config)
+        slot = self.lora.reserve(adapter_id)
+        try:
+            self._on_step_thread(functools.partial(self.lora.write, slot, stacked)).result()
+        except BaseException:
+            self.lora.abandon(adapter_id)
+            raise
+        self.lora.commit(adapter_id, stacked)
+
+    async def load_adapter_async(
+        self, adapter_id: str, tensors: Mapping[str, torch.Tensor], config: AdapterConfig
+    ) -> None:
+        """``load_adapter`` for an event loop: raw tensors are prepared in a worker thread, the
+        copy runs on the step thread, and the loop never blocks."""
+        if isinstance(tensors, StackedLora):
+            stacked = self.lora.prepare(adapter_id, tensors, config)  # already laid out: checks only
+        else:
+            stacked = await asyncio.to_thread(self.lora.prepare, adapter_id, tensors, config)
+        slot = self.lora.reserve(adapter_id)
+        try:
+            await asyncio.wrap_future(self._on_step_thread(functools.partial(self.lora.write, slot, stacked)))
+        except BaseException:
+            self.lora.abandon(adapter_id)
+            raise
+        self.lora.commit(adapter_id, stacked)
+
+    def _on_step_thread(self, fn: Callable[[], None]) -> concurrent.futures.Future:
+        """Run ``fn`` on the step thread, between two steps. Torch's parallel ops on another
+        thread would start a second OpenMP team, and with more team threads than cores every
+        parallel op pays a sleep/wake (an adapter copy took 2-3x longer that way)."""
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:  # queued before "stop" or not at all
+            thread = self._thread
+            inline = thread is None or self._closed or threading.current_thread() is thread
+            if not inline:
+                self._inbox.put(("call", (fn, done)))
+        if inline:
+            _settle(done, fn)
+        else:
+            self._wake.set()
+        return done
 
     def unload_adapter(self, adapter_id: str) -> None:
         """Refuses (AdapterInUse) while any request, running or waiting, uses the adapter."""
@@ -287,8 +337,21 @@ class Engine:
                 sched.add(arg)
             elif kind == "abort":
                 sched.abort(arg, emit)
+            elif kind == "call":
+                _settle(arg[1], arg[0])
             elif kind == "stop":
+                self._refuse_calls()
                 return True
+
+    def _refuse_calls(self) -> None:
+        """After stop: calls still queued fail instead of leaving their callers waiting."""
+        while True:
+            try:
+                kind, arg = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "call" and arg[1].set_running_or_notify_cancel():
+                arg[1].set_exception(EngineClosed())
 
     @staticmethod
     def _deliver(outbox: list[tuple[Sequence, object]]) -> None:
@@ -302,6 +365,17 @@ class Engine:
                 loop.call_soon_threadsafe(_put_all, items)
             except RuntimeError:  # the caller's loop is closed: nobody is listening
                 pass
+
+
+def _settle(done: concurrent.futures.Future, fn: Callable[[], None]) -> None:
+    if not done.set_running_or_notify_cancel():
+        return  # the caller gave up before it ran
+    try:
+        fn()
+    except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller
+        done.set_exception(exc)
+    else:
+        done.set_result(None)
 
 
 def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:

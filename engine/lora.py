@@ -3,8 +3,10 @@
 Every adapter lives in one slot of stacked tensors, per target module, in PEFT's orientation:
 ``A[module]: [layers, slots, max_rank, in]`` and ``B[module]: [layers, slots, out, max_rank]``
 (B pre-multiplied by the adapter's scaling, alpha/r or alpha/sqrt(r) for rsLoRA; smaller ranks
-are zero-padded). Loading an adapter is then one batched copy per module and tensor kind, and
-only the parts a previous occupant left non-zero are cleared. The base model is "no slot": its
+are zero-padded). An adapter is first *prepared*: validated once and laid out as a
+:class:`StackedLora` (per module, its layers stacked in the slots' dtype), which is the form a CPU
+cache should keep; loading it is then one strided copy per module and tensor kind, and only the
+parts a previous occupant left non-zero are cleared. The base model is "no slot": its
 rows get a zero LoRA delta.
 
 For a batch, only the k distinct adapters the rows use are gathered, once per batch
@@ -107,6 +109,41 @@ def _parse_name(name: str) -> tuple[int, str, str] | None:
     return None if m is None else (int(m.group(1)), m.group(2), m.group(3))
 
 
+class StackedLora(Mapping[str, torch.Tensor]):
+    """An adapter validated against the model and laid out the way the slots copy it fastest:
+    per target module, its layers' ``A: [n, r, in]`` and ``B: [n, out, r]`` stacked in the slots'
+    dtype (scaling not applied). As a mapping it still is the PEFT tensors, as views into the
+    stacks, so it can stand wherever those are expected."""
+
+    def __init__(
+        self,
+        dims: LlamaDims,
+        dtype: torch.dtype,
+        config: AdapterConfig,
+        modules: dict[str, tuple[tuple[int, ...], torch.Tensor, torch.Tensor]],
+        names: dict[str, tuple[str, int, int]],
+    ) -> None:
+        self.dims = dims
+        self.dtype = dtype
+        self.config = config
+        self.modules = modules  # module -> (layers, A stack, B stack)
+        self._names = names  # PEFT name -> (module, index in the stacks, 0 for A / 1 for B)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        module, i, which = self._names[name]
+        return self.modules[module][1 + which][i]
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes + b.nbytes for _, a, b in self.modules.values())
+
+
 class LoraSlots:
     """Owner of the adapter slots. Loads and unloads may come from any thread; the step thread
     only reads slots that requests hold, and a slot's version changes on every load so batch
@@ -126,7 +163,8 @@ class LoraSlots:
             self.B[module] = torch.zeros((L, slots, fan_out, max_rank), dtype=dtype, device=device)
         self._shapes = {m: dims.projection_shape(m) for m in LORA_TARGETS}
         self._lock = threading.Lock()
-        self._ids: dict[str, int] = {}
+        self._ids: dict[str, int] = {}  # adapters requests may use
+        self._reserved: dict[str, int] = {}  # slots being written
         self._rank = [0] * slots
         self._targets: list[frozenset[str]] = [frozenset()] * slots
         self._version = [0] * slots
@@ -153,29 +191,78 @@ class LoraSlots:
 
     def free(self) -> int:
         with self._lock:
-            return self.num_slots - len(self._ids)
+            return self.num_slots - len(self._ids) - len(self._reserved)
+
+    @torch.no_grad()
+    def prepare(self, adapter_id: str, tensors: Mapping[str, torch.Tensor], config: AdapterConfig) -> StackedLora:
+        """Validate PEFT tensors and stack them per module in the slots' dtype, on the CPU
+        (blocking; safe from any thread). A StackedLora prepared for these slots is returned as is."""
+        if (isinstance(tensors, StackedLora) and tensors.dims == self.dims and tensors.dtype == self.dtype
+                and tensors.config == config):
+            if config.rank > self.max_rank:
+                raise AdapterRankTooLarge(adapter_id, config.rank, self.max_rank)
+            return tensors
+        per_module = self._parse(adapter_id, tensors, config)
+        r = config.rank
+        layout = {m: (tuple(sorted(layers)), *self._shapes[m]) for m, layers in per_module.items()}
+        # one allocation for all stacks: one mapping for the allocator, and few page faults
+        buffer = torch.empty(sum(len(idx) * r * (i + o) for idx, i, o in layout.values()), dtype=self.dtype)
+        modules: dict[str, tuple[tuple[int, ...], torch.Tensor, torch.Tensor]] = {}
+        offset = 0
+        for module, (idx, fan_in, fan_out) in layout.items():
+            n = len(idx) * r
+            a = buffer[offset : offset + n * fan_in].view(len(idx), r, fan_in)
+            b = buffer[offset + n * fan_in : offset + n * (fan_in + fan_out)].view(len(idx), fan_out, r)
+            offset += n * (fan_in + fan_out)
+            layers = per_module[module]
+            torch._foreach_copy_(list(a.unbind(0)), [layers[i][0] for i in idx])
+            torch._foreach_copy_(list(b.unbind(0)), [layers[i][1] for i in idx])
+            modules[module] = (idx, a, b)
+        position = {m: {layer: i for i, layer in enumerate(idx)} for m, (idx, _, _) in modules.items()}
+        names = {}
+        for name in tensors:
+            layer, module, which = _parse_name(name)  # type: ignore[misc] - validated by _parse
+            names[name] = (module, position[module][layer], 0 if which == "A" else 1)
+        return StackedLora(self.dims, self.dtype, config, modules, names)
 
     def load(self, adapter_id: str, tensors: Mapping[str, torch.Tensor], config: AdapterConfig) -> int:
-        per_module = self._parse(adapter_id, tensors, config)
+        """Prepare (if needed) and copy an adapter into a free slot, on the calling thread."""
+        stacked = self.prepare(adapter_id, tensors, config)
+        slot = self.reserve(adapter_id)
+        try:
+            self.write(slot, stacked)
+        except BaseException:
+            self.abandon(adapter_id)
+            raise
+        self.commit(adapter_id, stacked)
+        return slot
+
+    def reserve(self, adapter_id: str) -> int:
+        """Claim a free slot for ``adapter_id``; requests cannot use it before ``commit``."""
         with self._lock:
-            if adapter_id in self._ids:
+            if adapter_id in self._ids or adapter_id in self._reserved:
                 raise AdapterExists(adapter_id)
-            used = set(self._ids.values())
+            used = set(self._ids.values()) | set(self._reserved.values())
             slot = next((s for s in range(self.num_slots) if s not in used), None)
             if slot is None:
                 raise AdapterSlotsFull(adapter_id, self.num_slots)
-            self._ids[adapter_id] = slot  # reserved; not visible to requests until written
+            self._reserved[adapter_id] = slot
             self._version[slot] += 1
-        try:
-            self._write(slot, per_module, config)
-        except BaseException:
-            with self._lock:
-                del self._ids[adapter_id]
-            raise
+            return slot
+
+    def commit(self, adapter_id: str, stacked: StackedLora) -> None:
         with self._lock:
-            self._rank[slot] = config.rank
-            self._targets[slot] = frozenset(per_module)
-        return slot
+            slot = self._reserved.pop(adapter_id)
+            self._ids[adapter_id] = slot
+            self._rank[slot] = stacked.config.rank
+            self._targets[slot] = frozenset(stacked.modules)
+
+    def abandon(self, adapter_id: str) -> None:
+        """Give back a reserved slot whose write failed or was given up."""
+        with self._lock:
+            slot = self._reserved.pop(adapter_id, None)
+            if slot is not None:
+                self._version[slot] += 1
 
     def unload(self, adapter_id: str) -> None:
         with self._lock:
@@ -224,32 +311,35 @@ class LoraSlots:
         return per_module
 
     @torch.no_grad()
-    def _write(self, slot: int, per_module: dict, config: AdapterConfig) -> None:
-        r, scale = config.rank, config.scaling
+    def write(self, slot: int, stacked: StackedLora) -> None:
+        """Copy into a reserved slot (blocking; the engine runs it on its step thread)."""
+        r, scale = stacked.config.rank, stacked.config.scaling
         dirty = self._dirty[slot]
         for module in LORA_TARGETS:
             A, B = self.A[module], self.B[module]
-            layers = per_module.get(module, {})
-            idx = sorted(layers)
+            idx, a, b = stacked.modules.get(module, ((), None, None))
             old_rank, old_layers = dirty.pop(module, (0, frozenset()))
             # clear what the previous occupant left and this adapter does not overwrite
             for layer in old_layers:
-                keep = r if layer in layers else 0
+                keep = r if layer in idx else 0
                 if old_rank > keep:
                     A[layer, slot, keep:old_rank].zero_()
                     B[layer, slot, :, keep:old_rank].zero_()
             if not idx:
                 continue
+            a_dst, b_dst = A[:, slot, :r], B[:, slot, :, :r]
             if len(idx) == self.dims.num_layers:
-                a_dst = A[:, slot, :r].unbind(0)
-                b_dst = B[:, slot, :, :r].unbind(0)
+                a_dst.copy_(a)
+                if scale != 1.0 and b.device == b_dst.device:
+                    torch.mul(b, scale, out=b_dst)  # scale while copying: one pass
+                else:
+                    b_dst.copy_(b)
+                    if scale != 1.0:
+                        b_dst.mul_(scale)
             else:
-                a_dst = [A[i, slot, :r] for i in idx]
-                b_dst = [B[i, slot, :, :r] for i in idx]
-            torch._foreach_copy_(a_dst, [layers[i][0] for i in idx])
-            torch._foreach_copy_(b_dst, [layers[i][1] for i in idx])
-            if scale != 1.0:
-                torch._foreach_mul_(b_dst, scale)
+                index = torch.tensor(idx, device=A.device)
+                a_dst.index_copy_(0, index, a.to(A.device))
+                b_dst.index_copy_(0, index, (b * scale if scale != 1.0 else b).to(B.device))
             dirty[module] = (r, frozenset(idx))
 
     # ---- batching -----------------------------------------------------------------------

@@ -124,8 +124,10 @@ class Gateway:
             await self._load_local_adapters()
         source = TsspSource(StoredPackages(self.store, self.blobs),
                             lambda: [k.private for k in self.keys.recipient_keys()], base)
-        self.cache = AdapterCache(source, cpu_budget_bytes=s.cpu_cache_mb << 20, tenant_share=s.tenant_cache_share)
-        self.cache.add_backend(self.backend.name, BackendSlots(self.backend))
+        slots = BackendSlots(self.backend)
+        self.cache = AdapterCache(source, cpu_budget_bytes=s.cpu_cache_mb << 20, tenant_share=s.tenant_cache_share,
+                                  prepare=slots.prepare)
+        self.cache.add_backend(self.backend.name, slots)
         self.tenancy = Tenancy(self.store, self.auth, self.keys, self.blobs, self.cache, base, self.models.reserved())
         self.completions = Completions(self.backend, self.models, max_body_bytes=s.max_body_bytes,
                                        request_timeout_s=s.request_timeout_s, retry_after_s=s.retry_after_s,

@@ -2,6 +2,7 @@
 slot protocol, and the disk tier's lookup of a stored package in the registry."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from cache import Decrypted, UnknownAdapter
@@ -15,16 +16,28 @@ from .store import Store
 from .store.types import SigningKeyRecord
 
 
+def _config(adapter: Decrypted) -> LoraConfig:
+    s = adapter.spec
+    return LoraConfig(s.rank, s.alpha, s.target_modules, s.use_rslora)
+
+
 class BackendSlots:
     """``cache.SlotBackend`` over any Backend."""
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
 
+    def prepare(self, adapter: Decrypted) -> Decrypted:
+        """The cache's ``prepare`` hook: keep adapters in the CPU tier in the backend's own
+        layout (for the embedded engine: stacked in its dtype), so a warm load is a plain copy."""
+        tensors = self.backend.prepare_adapter(adapter.key, adapter.tensors, _config(adapter))
+        if tensors is adapter.tensors:
+            return adapter
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        return dataclasses.replace(adapter, tensors=tensors, nbytes=nbytes)
+
     async def load(self, key: str, adapter: Decrypted) -> None:
-        s = adapter.spec
-        await self.backend.load_adapter(key, adapter.tensors, LoraConfig(s.rank, s.alpha, s.target_modules,
-                                                                         s.use_rslora))
+        await self.backend.load_adapter(key, adapter.tensors, _config(adapter))
 
     async def unload(self, key: str) -> None:
         await self.backend.unload_adapter(key)

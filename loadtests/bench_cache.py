@@ -27,31 +27,15 @@ from safetensors.torch import save_file
 from adapters.base_model import BaseModelSpec
 from adapters.keys import generate_recipient_key, generate_signing_key
 from adapters.package import pack
-from cache import AdapterCache, Decrypted, UnknownAdapter
+from cache import AdapterCache, UnknownAdapter
 from cache.tssp import PackageRef, TsspSource
-from engine import AdapterConfig, Engine, EngineConfig, GenerationRequest, SamplingParams
+from engine import EngineConfig, GenerationRequest, SamplingParams
 from engine.config import DEFAULT_MODEL, default_cache_dir
 from engine.model.checkpoint import resolve_checkpoint
+from gateway.backends.embedded import EmbeddedBackend
+from gateway.residency import BackendSlots
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-class EngineSlots:
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-
-    async def load(self, key: str, a: Decrypted) -> None:
-        cfg = AdapterConfig(a.spec.rank, a.spec.alpha, a.spec.target_modules, a.spec.use_rslora)
-        await asyncio.to_thread(self.engine.load_adapter, key, a.tensors, cfg)
-
-    async def unload(self, key: str) -> None:
-        self.engine.unload_adapter(key)
-
-    def resident(self) -> set[str]:
-        return set(self.engine.adapters())
-
-    def free_slots(self) -> int:
-        return self.engine.capacity().free_adapter_slots
 
 
 def peft_dir(root: Path, spec: BaseModelSpec, rank: int, modules: tuple[str, ...], seed: int) -> Path:
@@ -102,11 +86,15 @@ async def main_async(args: argparse.Namespace) -> dict:
     for i in range(args.adapters):
         store(f"z{i}", small)
     source = TsspSource(lookup, lambda: [recipient], base_model=spec)
-    engine = Engine(EngineConfig(model=str(checkpoint), max_num_seqs=32, max_model_len=256,
-                                 max_loras=args.slots, max_lora_rank=16, max_queue=4096))
-    engine.start()
-    cache = AdapterCache(source, cpu_budget_bytes=args.cpu_budget_mb * 2**20, tenant_share=1.0)
-    cache.add_backend("embedded", EngineSlots(engine))
+    backend = EmbeddedBackend(EngineConfig(model=str(checkpoint), max_num_seqs=32, max_model_len=256,
+                                           max_loras=args.slots, max_lora_rank=16, max_queue=4096))
+    await backend.start()
+    engine = backend.engine
+    # the gateway's wiring: the CPU tier keeps adapters in the engine's slot layout
+    slots = BackendSlots(backend)
+    cache = AdapterCache(source, cpu_budget_bytes=args.cpu_budget_mb * 2**20, tenant_share=1.0,
+                         prepare=slots.prepare)
+    cache.add_backend("embedded", slots)
 
     cold, warm = [], []
     for _ in range(args.repeats):
@@ -144,7 +132,7 @@ async def main_async(args: argparse.Namespace) -> dict:
     single = await stream(["z0"] * args.requests)
     zipf = await stream(zipf_keys)
     stats = cache.stats()
-    engine.shutdown()
+    await backend.close()
     return {
         "cold_ms_p50": round(statistics.median(cold), 3), "cold_ms_p95": pct(cold, 0.95),
         "warm_ms_p50": round(statistics.median(warm), 3), "warm_ms_p95": pct(warm, 0.95),

@@ -95,6 +95,12 @@ class Backend(Protocol):
 
     def abort(self, request_id: str) -> None: ...
 
+    def prepare_adapter(self, adapter_id: str, tensors: Mapping[str, Any], config: LoraConfig) -> Mapping[str, Any]:
+        """Check an adapter and convert its tensors into the form ``load_adapter`` copies
+        fastest (blocking: called off the event loop, once per CPU-cache fill). Raises
+        AdapterProblem when the adapter cannot run here; a backend without a preferred layout
+        returns ``tensors`` unchanged."""
+
     async def load_adapter(self, adapter_id: str, tensors: Mapping[str, Any], config: LoraConfig) -> None: ...
 
     async def unload_adapter(self, adapter_id: str) -> None: ...

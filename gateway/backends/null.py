@@ -122,12 +122,16 @@ class NullBackend:
     def abort(self, request_id: str) -> None:
         self._aborted.add(request_id)
 
-    async def load_adapter(self, adapter_id: str, tensors: Mapping[str, Any], config: LoraConfig) -> None:
-        if adapter_id in self._adapters:
-            raise AdapterProblem(f"adapter {adapter_id!r} is already loaded", adapter_id, "exists")
+    def prepare_adapter(self, adapter_id: str, tensors: Mapping[str, Any], config: LoraConfig) -> Mapping[str, Any]:
         if config.rank > self.max_lora_rank:
             raise AdapterProblem(f"adapter {adapter_id!r}: rank {config.rank} exceeds max_lora_rank "
                                  f"{self.max_lora_rank}", adapter_id, "rank_too_large")
+        return tensors
+
+    async def load_adapter(self, adapter_id: str, tensors: Mapping[str, Any], config: LoraConfig) -> None:
+        if adapter_id in self._adapters:
+            raise AdapterProblem(f"adapter {adapter_id!r} is already loaded", adapter_id, "exists")
+        self.prepare_adapter(adapter_id, tensors, config)
         if len(self._adapters) >= self.max_loras:
             raise AdapterProblem(f"cannot load adapter {adapter_id!r}: all {self.max_loras} adapter slots are in use",
                                  adapter_id, "slots_full")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,11 @@ from engine import AdapterConfig, Engine, EngineConfig
 from tests.adapters.builders import SMOLLM2, SMOLLM2_ID, lora_tensors, peft_config, write_peft_dir
 
 
+def _config(adapter: Decrypted) -> AdapterConfig:
+    s = adapter.spec
+    return AdapterConfig(rank=s.rank, alpha=s.alpha, target_modules=s.target_modules, use_rslora=s.use_rslora)
+
+
 class EngineSlots:
     """The engine's adapter API seen through the cache's slot protocol (what the gateway's
     backend adapter does for every backend)."""
@@ -22,11 +28,13 @@ class EngineSlots:
         self.engine = engine
         self.load_calls = 0
 
+    def prepare(self, adapter: Decrypted) -> Decrypted:
+        tensors = self.engine.prepare_adapter(adapter.key, adapter.tensors, _config(adapter))
+        return dataclasses.replace(adapter, tensors=tensors, nbytes=tensors.nbytes)
+
     async def load(self, key: str, adapter: Decrypted) -> None:
         self.load_calls += 1
-        s = adapter.spec
-        config = AdapterConfig(rank=s.rank, alpha=s.alpha, target_modules=s.target_modules, use_rslora=s.use_rslora)
-        await asyncio.to_thread(self.engine.load_adapter, key, adapter.tensors, config)
+        await asyncio.to_thread(self.engine.load_adapter, key, adapter.tensors, _config(adapter))
 
     async def unload(self, key: str) -> None:
         self.engine.unload_adapter(key)

@@ -8,6 +8,7 @@ import pytest
 
 from cache import AdapterBusy, AdapterCache, AdapterUnavailable, BudgetExceeded, State, Tier, UnknownAdapter
 from cache.tssp import PackageRef
+from engine import StackedLora
 
 from .conftest import ADAPTER_BYTES
 
@@ -197,3 +198,34 @@ async def test_requests_for_different_adapters_do_not_evict_each_others_fresh_lo
     assert sorted(served) == ["a/ad1"] * 10 + ["a/ad2"] * 10
     release.set()
     await holder
+
+
+async def test_prepared_cpu_tier_holds_the_slot_layout_and_concurrent_loads_share_the_slots(source, slots) -> None:
+    cache = AdapterCache(source, cpu_budget_bytes=16 * ADAPTER_BYTES, prepare=slots.prepare)
+    cache.add_backend("embedded", slots)
+    adapter = await cache.fetch("a/ad0")
+    assert isinstance(adapter.tensors, StackedLora) and adapter.tensors.dtype == slots.engine.dtype
+    assert adapter.nbytes == adapter.tensors.nbytes == cache.stats()["cpu"]["bytes"]
+    # three loads at once for two slots: the copies overlap, the third evicts, none overflows
+    await asyncio.gather(*(cache.fetch(k) for k in ("a/ad1", "a/ad2")))
+    await asyncio.gather(*(cache.load(k, "embedded") for k in ("a/ad0", "a/ad1", "a/ad2")))
+    assert len(slots.resident()) == 2 and slots.load_calls == 3 and cache.counters.offloads == 1
+    assert cache.stats()["device"]["embedded"]["adapters"] == 2
+    async with cache.lease("a/ad3", "embedded"):
+        assert "a/ad3" in slots.resident()
+
+
+async def test_a_failing_prepare_marks_only_that_adapter_failed(source, slots) -> None:
+    def prepare(adapter):
+        if adapter.key == "a/ad1":
+            raise ValueError("rank 4 adapters are not accepted here")
+        return slots.prepare(adapter)
+
+    cache = AdapterCache(source, cpu_budget_bytes=16 * ADAPTER_BYTES, prepare=prepare)
+    cache.add_backend("embedded", slots)
+    with pytest.raises(AdapterUnavailable, match="not accepted here"):
+        await cache.load("a/ad1", "embedded")
+    status = cache.status("a/ad1")
+    assert status.state is State.FAILED and "not accepted" in status.reason
+    await cache.load("a/ad0", "embedded")
+    assert slots.resident() == {"a/ad0"}

@@ -122,3 +122,41 @@ async def test_adapter_changes_output_and_slot_reuse_takes_new_weights(engine: E
     with_new_x = await text("x", "x2")
     assert with_x != base
     assert with_new_x != with_x
+
+
+def _slot_contents(engine: Engine, adapter: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    lora_slots = engine.lora
+    slot = lora_slots.slot_of(adapter)
+    return {m: (lora_slots.A[m][:, slot].clone(), lora_slots.B[m][:, slot].clone()) for m in lora_slots.A}
+
+
+@pytest.mark.parametrize("layers", [range(30), range(0, 30, 3)], ids=["all-layers", "some-layers"])
+def test_prepared_adapter_fills_the_slot_exactly_like_raw_tensors(engine: Engine, layers) -> None:
+    # a rank-8 occupant on both modules first, so the rank-4 loads must also clear what it left
+    engine.load_adapter("old", *lora(8, modules=("q_proj", "v_proj"), seed=20))
+    engine.unload_adapter("old")
+    tensors, config = lora(4, modules=("q_proj", "v_proj"), layers=layers, seed=21)
+    engine.load_adapter("raw", tensors, config)
+    raw = _slot_contents(engine, "raw")
+    engine.unload_adapter("raw")
+
+    engine.load_adapter("old", *lora(8, modules=("q_proj", "v_proj"), seed=20))
+    engine.unload_adapter("old")
+    prepared = engine.prepare_adapter("stacked", tensors, config)
+    assert set(prepared) == set(tensors) and prepared.dtype == engine.lora.dtype
+    assert prepared.nbytes == sum(t.numel() for t in tensors.values()) * prepared.dtype.itemsize
+    engine.load_adapter("stacked", prepared, config)
+    stacked = _slot_contents(engine, "stacked")
+    for module, (a, b) in raw.items():
+        assert torch.equal(stacked[module][0], a) and torch.equal(stacked[module][1], b), module
+    q = raw["q_proj"]
+    unused = [layer for layer in range(30) if layer not in layers]
+    assert q[0][:, 4:].abs().sum() == 0 and q[1][:, :, 4:].abs().sum() == 0  # the old rank-8 rows are gone
+    assert q[0][unused].abs().sum() == 0 and q[1][unused].abs().sum() == 0
+    scaled = tensors[f"base_model.model.model.layers.{layers[0]}.self_attn.q_proj.lora_B.weight"] * config.scaling
+    assert torch.allclose(q[1][layers[0], :, :4].float(), scaled, rtol=1e-2, atol=1e-3)
+    # an adapter prepared once loads again (it is what the CPU cache keeps), and validation holds
+    engine.unload_adapter("stacked")
+    assert engine.prepare_adapter("again", prepared, config) is prepared
+    with pytest.raises(InvalidAdapter):
+        engine.prepare_adapter("bad", {"model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(3, 3)}, config)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import torch
 
 from gateway.backends import Backend, BackendRequest, LoraConfig, Message, Sampling
 from gateway.backends.embedded import EmbeddedBackend
@@ -112,9 +113,24 @@ class BackendContract:
 
     async def test_rank_above_maximum(self, backend):
         big = LoraConfig(rank=16, alpha=16.0, target_modules=("q_proj",))
+        tensors = lora_tensors(SMOLLM2, 16, ("q_proj",))
         with pytest.raises(AdapterProblem) as exc:
-            await backend.load_adapter("big", lora_tensors(SMOLLM2, 16, ("q_proj",)), big)
+            await backend.load_adapter("big", tensors, big)
         assert exc.value.kind == "rank_too_large"
+        with pytest.raises(AdapterProblem) as exc:
+            backend.prepare_adapter("big", tensors, big)
+        assert exc.value.kind == "rank_too_large"
+
+    async def test_prepared_adapter_loads_and_keeps_the_tensor_names(self, backend):
+        tensors = lora_tensors(SMOLLM2, 4, ("q_proj", "v_proj"), seed=5)
+        prepared = backend.prepare_adapter("p", tensors, CONFIG)
+        assert set(prepared) == set(tensors)
+        name = next(iter(tensors))
+        assert torch.equal(prepared[name].float(), tensors[name].float())
+        await backend.load_adapter("p", prepared, CONFIG)
+        chunks = await collect(backend, request("with-p", 2, adapter="p"))
+        assert chunks[-1].completion_tokens == 2
+        await backend.unload_adapter("p")
 
     async def test_health_and_capacity(self, backend):
         health = await backend.health()
