@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 from cache import AdapterCache, CacheError, UnknownAdapter
 
@@ -32,6 +32,7 @@ from .protocol import ChatRequest, CompletionRequest, parse_chat, parse_completi
 from .protocol import responses as wire
 from .quotas import QuotaLimits, Quotas
 from .routing import AUTO, AutoRouter, routing_text
+from .streaming import ChunkTemplate, EventStream
 from .usage import UsageRecorder
 
 log = logging.getLogger("tensafe.gateway")
@@ -60,31 +61,34 @@ def api_error(exc: backend_errors.BackendError, retry_after: int) -> errors.ApiE
                              retry_after=retry_after)
 
 
-async def _until_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
 async def guarded(request: Request, awaitable: Awaitable[T], deadline: float) -> T:
     """Await ``awaitable`` unless the client disconnects (ClientGone) or the deadline passes
-    (a 504); either way the awaitable is cancelled."""
-    work = asyncio.ensure_future(awaitable)
-    watcher = asyncio.ensure_future(_until_disconnect(request))
+    (a 504); either way the awaitable is cancelled. It runs in the calling task: only the
+    disconnect watcher is a task of its own."""
+    task = asyncio.current_task()
+    assert task is not None
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        gone = True
+        task.cancel()
+
+    watcher = asyncio.ensure_future(watch())
     try:
-        done, _ = await asyncio.wait((work, watcher), timeout=max(0.0, deadline - time.monotonic()),
-                                     return_when=asyncio.FIRST_COMPLETED)
+        async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+            return await awaitable
+    except TimeoutError:
+        raise errors.Timeout("The request timed out.", code="timeout") from None
+    except asyncio.CancelledError:
+        if not gone:
+            raise
+        task.uncancel()
+        raise ClientGone() from None
     finally:
         watcher.cancel()
-    if work in done:
-        return work.result()
-    work.cancel()
-    try:
-        await work
-    except (asyncio.CancelledError, Exception):  # noqa: BLE001 - we are abandoning it
-        pass
-    if watcher in done:
-        raise ClientGone()
-    raise errors.Timeout("The request timed out.", code="timeout")
 
 
 class Completions:
@@ -178,9 +182,8 @@ class Completions:
         chat = isinstance(params, ChatRequest)
         done = functools.partial(self._account, state, principal, route, tally)
         if params.stream:
-            events = (self._chat_events if chat else self._completion_events)(
-                request, stream, first, rid, created, route, params.include_usage, deadline, resources, done)
-            return StreamingResponse(events, media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
+            return self._stream(request, stream, first, chat, rid, created, route, params.include_usage, deadline,
+                                resources, done, headers)
         last = None
         try:
             text, last = await guarded(request, _collect(stream, first), deadline)
@@ -244,66 +247,54 @@ class Completions:
             self.usage.add(principal.tenant, route.model, last.prompt_tokens, last.completion_tokens)
 
     async def _events(self, request: Request, stream: AsyncIterator[BackendChunk], first: BackendChunk | None,
-                      deadline: float, render: Callable[[BackendChunk, bool], dict[str, Any]],
-                      usage: Callable[[BackendChunk], dict[str, Any]] | None, resources: contextlib.AsyncExitStack,
+                      render: Callable[[BackendChunk, bool], bytes], usage: Callable[[BackendChunk], bytes] | None,
+                      resources: contextlib.AsyncExitStack,
                       done: Callable[[BackendChunk | None], None]) -> AsyncIterator[bytes]:
-        state = request.state
+        """The SSE events of one stream (the response enforces the deadline and disconnects)."""
         chunk, last, is_first = first, first, True
         try:
             while chunk is not None:
                 last = chunk
-                yield wire.sse(render(chunk, is_first))
+                yield render(chunk, is_first)
                 is_first = False
                 if chunk.finish_reason is not None:
                     break
                 try:
-                    async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                        chunk = await anext(stream, None)
-                except TimeoutError:
-                    state.error_code = "timeout"
-                    yield wire.sse(errors.Timeout("The request timed out.", code="timeout").body())
-                    return
+                    chunk = await anext(stream, None)
                 except backend_errors.BackendError as exc:
                     error = api_error(exc, self.retry_after)
-                    state.error_code = error.code
+                    request.state.error_code = error.code
                     yield wire.sse(error.body())
                     return
             if usage is not None and last is not None:
-                yield wire.sse(usage(last))
+                yield usage(last)
             yield wire.DONE
         finally:
             done(last)
             await resources.aclose()
 
-    def _chat_events(self, request: Request, stream: AsyncIterator[BackendChunk], first: BackendChunk | None,
-                     rid: str, created: int, route: Route, include_usage: bool, deadline: float,
-                     resources: contextlib.AsyncExitStack, done: Callable[[BackendChunk | None], None]):
+    def _stream(self, request: Request, stream: AsyncIterator[BackendChunk], first: BackendChunk | None,
+                chat: bool, rid: str, created: int, route: Route, include_usage: bool, deadline: float,
+                resources: contextlib.AsyncExitStack, done: Callable[[BackendChunk | None], None],
+                headers: dict[str, str]) -> EventStream:
         model = route.model
+        template = ChunkTemplate("chat.completion.chunk" if chat else "text_completion", rid, created, model,
+                                 include_usage)
 
-        def render(chunk: BackendChunk, is_first: bool) -> dict[str, Any]:
-            delta: dict[str, Any] = {"role": "assistant", "content": chunk.text} if is_first else (
-                {"content": chunk.text} if chunk.text else {})
-            return wire.chat_chunk(rid, created, model, delta, _finish(chunk) if chunk.finish_reason else None,
-                                   include_usage)
+        def render(chunk: BackendChunk, is_first: bool) -> bytes:
+            reason = _finish(chunk) if chunk.finish_reason else None
+            return template.chat(chunk.text, is_first, reason) if chat else template.completion(chunk.text, reason)
 
-        usage = (lambda c: wire.chat_usage_chunk(rid, created, model, c.prompt_tokens, c.completion_tokens)) \
+        usage_chunk = wire.chat_usage_chunk if chat else wire.completion_usage_chunk
+        usage = (lambda c: wire.sse(usage_chunk(rid, created, model, c.prompt_tokens, c.completion_tokens))) \
             if include_usage else None
-        return self._events(request, stream, first, deadline, render, usage, resources, done)
 
-    def _completion_events(self, request: Request, stream: AsyncIterator[BackendChunk], first: BackendChunk | None,
-                           rid: str, created: int, route: Route, include_usage: bool, deadline: float,
-                           resources: contextlib.AsyncExitStack, done: Callable[[BackendChunk | None], None]):
-        model = route.model
+        def timed_out() -> bytes:
+            request.state.error_code = "timeout"
+            return wire.sse(errors.Timeout("The request timed out.", code="timeout").body())
 
-        def render(chunk: BackendChunk, is_first: bool) -> dict[str, Any]:
-            body = wire.completion(rid, created, model, chunk.text, _finish(chunk) if chunk.finish_reason else None)
-            if include_usage:
-                body["usage"] = None
-            return body
-
-        usage = (lambda c: wire.completion_usage_chunk(rid, created, model, c.prompt_tokens, c.completion_tokens)) \
-            if include_usage else None
-        return self._events(request, stream, first, deadline, render, usage, resources, done)
+        events = self._events(request, stream, first, render, usage, resources, done)
+        return EventStream(events, deadline=deadline, on_timeout=timed_out, headers={**SSE_HEADERS, **headers})
 
 
 @dataclasses.dataclass

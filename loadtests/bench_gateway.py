@@ -4,7 +4,8 @@ through the HTTP gateway (a real uvicorn process on 127.0.0.1).
   python -m loadtests.bench_gateway [--requests 64] [--tokens 16] [--token-delay-ms 5] [--rounds 5]
 
 Each round starts ``--requests`` concurrent streaming chat completions of ``--tokens`` tokens.
-The HTTP client is a minimal asyncio HTTP/1.1 reader (no SDK parsing cost in the figure), so
+The HTTP client is a minimal asyncio HTTP/1.1 reader (no SDK parsing cost in the figure) that
+keeps one persistent connection per concurrent stream, as an SDK's connection pool does, so
 the difference between the two sides is what the gateway adds: auth, JSON parsing and
 validation, SSE framing, HTTP and the access log. ``added_ms_one_at_a_time`` repeats the
 comparison with one request in flight, the per-request cost without queueing. Prints one JSON line:
@@ -62,31 +63,48 @@ def request_bytes(port: int, tokens: int) -> bytes:
     return head.encode() + body
 
 
-async def http_one(port: int, payload: bytes) -> tuple[float, float]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    t0 = time.perf_counter()
-    writer.write(payload)
-    head = await reader.readuntil(b"\r\n\r\n")
-    if not head.startswith(b"HTTP/1.1 200"):
-        raise RuntimeError(head.decode(errors="replace"))
-    first = None
-    while True:  # chunked transfer encoding
-        size = int((await reader.readuntil(b"\r\n")).strip(), 16)
-        if size == 0:
-            break
-        data = await reader.readexactly(size + 2)
-        if first is None and b'"content"' in data:
-            first = time.perf_counter()
-        if b"[DONE]" in data:
-            break
-    end = time.perf_counter()
-    writer.close()
-    return (first - t0) * 1000, (end - t0) * 1000
+class Connection:
+    """One persistent HTTP/1.1 connection, as an SDK client keeps in its pool."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def open(self) -> None:
+        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+    async def stream(self, payload: bytes) -> tuple[float, float]:
+        """One streaming request: (ms to the first content chunk, ms to the end)."""
+        if self.writer is None:
+            await self.open()
+        reader, writer = self.reader, self.writer
+        assert reader is not None and writer is not None
+        t0 = time.perf_counter()
+        writer.write(payload)
+        head = await reader.readuntil(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(head.decode(errors="replace"))
+        first = None
+        while True:  # chunked transfer encoding
+            size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+            if size == 0:
+                await reader.readexactly(2)
+                break
+            data = await reader.readexactly(size + 2)
+            if first is None and b'"content"' in data:
+                first = time.perf_counter()
+        end = time.perf_counter()
+        return (first - t0) * 1000, (end - t0) * 1000
 
 
-async def http_round(port: int, n: int, tokens: int) -> tuple[list[float], list[float]]:
-    payload = request_bytes(port, tokens)
-    results = await asyncio.gather(*(http_one(port, payload) for _ in range(n)))
+async def http_round(conns: list[Connection], tokens: int) -> tuple[list[float], list[float]]:
+    payload = request_bytes(conns[0].port, tokens)
+    results = await asyncio.gather(*(c.stream(payload) for c in conns))
     return [r[0] for r in results], [r[1] for r in results]
 
 
@@ -125,12 +143,15 @@ async def main_async(args: argparse.Namespace) -> dict:
     try:
         g_ttft: list[float] = []
         g_e2e: list[float] = []
-        await http_round(port, args.requests, args.tokens)  # warm-up
+        conns = [Connection(port) for _ in range(args.requests)]
+        await http_round(conns, args.tokens)  # warm-up: opens the connections
         for _ in range(args.rounds):
-            t, e = await http_round(port, args.requests, args.tokens)
+            t, e = await http_round(conns, args.tokens)
             g_ttft += t
             g_e2e += e
-        single = await single_requests(backend, port, args.tokens, 50)
+        single = await single_requests(backend, conns[0], args.tokens, 50)
+        for c in conns:
+            c.close()
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
@@ -147,15 +168,14 @@ async def main_async(args: argparse.Namespace) -> dict:
     }
 
 
-async def single_requests(backend: NullBackend, port: int, tokens: int, n: int) -> dict[str, float]:
+async def single_requests(backend: NullBackend, conn: Connection, tokens: int, n: int) -> dict[str, float]:
     """One request at a time: the per-request cost without queueing behind a burst."""
     d_t, d_e, g_t, g_e = [], [], [], []
-    payload = request_bytes(port, tokens)
     for i in range(n):
         t, e = await direct_round(backend, 1, tokens, 1000 + i)
         d_t += t
         d_e += e
-        t, e = await http_round(port, 1, tokens)
+        t, e = await http_round([conn], tokens)
         g_t += t
         g_e += e
     direct, gateway = summary(d_t, d_e), summary(g_t, g_e)

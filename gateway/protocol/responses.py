@@ -37,17 +37,6 @@ def chat_completion(rid: str, created: int, model: str, text: str, finish_reason
     }
 
 
-def chat_chunk(rid: str, created: int, model: str, delta: dict[str, Any], finish_reason: str | None,
-               with_usage: bool) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
-    }
-    if with_usage:
-        out["usage"] = None
-    return out
-
-
 def chat_usage_chunk(rid: str, created: int, model: str, prompt_tokens: int, completion_tokens: int) -> dict:
     return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [],
             "usage": usage(prompt_tokens, completion_tokens)}

@@ -1,0 +1,95 @@
+"""The server-sent-events response, and SSE chunks rendered from per-request templates.
+
+Both sit on the hot path: a 16-token stream is 19 sends, and a burst of 64 streams shares one
+event loop. So the response is one coroutine plus one disconnect watcher per request (no task
+group), the deadline is one timer per request (not a timeout context per chunk), and a chunk is
+its request's fixed JSON prefix and suffix around the one JSON string that changes.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+_text = json.JSONEncoder(ensure_ascii=False).encode  # one JSON string literal
+
+
+class EventStream(Response):
+    """Streams ``events`` (SSE-encoded bytes) until they end, the client disconnects (the
+    iterator is closed at once, which aborts the generation) or ``deadline`` (time.monotonic)
+    passes:
+    then ``on_timeout()`` is sent as the last event."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, events: AsyncIterator[bytes], *, deadline: float, on_timeout: Callable[[], bytes],
+                 headers: Mapping[str, str] | None = None) -> None:
+        self.events = events
+        self.deadline = deadline
+        self.on_timeout = on_timeout
+        self.status_code = 200
+        self.background = None
+        self.init_headers(headers)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        gone = streaming = True
+
+        async def watch() -> None:
+            nonlocal gone
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            if streaming:  # once the stream is over, its clean-up must not be interrupted
+                gone = True
+                task.cancel()
+
+        gone = False
+        watcher = asyncio.ensure_future(watch())
+        try:
+            try:
+                await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+                try:
+                    async with asyncio.timeout(max(0.0, self.deadline - time.monotonic())):
+                        async for event in self.events:
+                            await send({"type": "http.response.body", "body": event, "more_body": True})
+                    tail = b""
+                except TimeoutError:
+                    tail = self.on_timeout()
+                await send({"type": "http.response.body", "body": tail, "more_body": False})
+            finally:
+                streaming = False
+                watcher.cancel()
+                await self.events.aclose()  # type: ignore[attr-defined]
+        except asyncio.CancelledError:
+            if not gone:
+                raise
+            task.uncancel()  # the client left: nothing more to send
+
+
+class ChunkTemplate:
+    """One request's stream chunks: everything but the text and the finish reason is fixed."""
+
+    def __init__(self, kind: str, rid: str, created: int, model: str, with_usage: bool) -> None:
+        head = json.dumps({"id": rid, "object": kind, "created": created, "model": model},
+                          ensure_ascii=False, separators=(",", ":"))[:-1]
+        self.head = "data: " + head + ',"choices":[{"index":0,'
+        self.tail = ',"usage":null}\n\n' if with_usage else "}\n\n"
+
+    def chat(self, text: str, first: bool, finish_reason: str | None) -> bytes:
+        if first:
+            delta = '{"role":"assistant","content":' + _text(text) + "}"
+        else:
+            delta = '{"content":' + _text(text) + "}" if text else "{}"
+        return self._close('"delta":' + delta, finish_reason)
+
+    def completion(self, text: str, finish_reason: str | None) -> bytes:
+        return self._close('"text":' + _text(text), finish_reason)
+
+    def _close(self, body: str, finish_reason: str | None) -> bytes:
+        reason = "null" if finish_reason is None else '"' + finish_reason + '"'
+        return (self.head + body + ',"logprobs":null,"finish_reason":' + reason + "}]" + self.tail).encode()

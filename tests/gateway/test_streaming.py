@@ -1,0 +1,45 @@
+"""SSE chunks rendered from templates are exactly the JSON OpenAI defines, whatever the text."""
+from __future__ import annotations
+
+import json
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.protocol.responses import completion
+from gateway.streaming import ChunkTemplate
+
+from .conftest import validate
+
+texts = st.text(alphabet=st.characters(codec="utf-8"), max_size=40)
+reasons = st.sampled_from([None, "stop", "length"])
+models = st.sampled_from(["smollm2-135m-instruct", 'odd "name"\\/é', "tenant-adapter_v2"])
+
+
+def parse(event: bytes) -> dict:
+    assert event.startswith(b"data: ") and event.endswith(b"\n\n") and event.count(b"\n") == 2
+    return json.loads(event[6:])
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=texts, first=st.booleans(), reason=reasons, usage=st.booleans(), model=models)
+def test_chat_chunks_match_the_schema_and_carry_the_text(text, first, reason, usage, model) -> None:
+    chunk = parse(ChunkTemplate("chat.completion.chunk", "chatcmpl-1", 1700000000, model, usage)
+                  .chat(text, first, reason))
+    validate(chunk, "CreateChatCompletionStreamResponse")
+    delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+    expected = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1700000000, "model": model,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}
+    if usage:
+        expected["usage"] = None
+    assert chunk == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=texts, reason=reasons, usage=st.booleans(), model=models)
+def test_completion_chunks_equal_the_completion_body(text, reason, usage, model) -> None:
+    chunk = parse(ChunkTemplate("text_completion", "cmpl-1", 1700000000, model, usage).completion(text, reason))
+    expected = completion("cmpl-1", 1700000000, model, text, reason)
+    if usage:
+        expected["usage"] = None
+    assert chunk == expected
