@@ -160,3 +160,28 @@ def test_prepared_adapter_fills_the_slot_exactly_like_raw_tensors(engine: Engine
     assert engine.prepare_adapter("again", prepared, config) is prepared
     with pytest.raises(InvalidAdapter):
         engine.prepare_adapter("bad", {"model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(3, 3)}, config)
+
+
+async def test_async_load_runs_between_steps_and_a_cancelled_load_gives_its_slot_back(engine: Engine) -> None:
+    busy = engine.generate(GenerationRequest(request_id="busy", prompt="Tell me a story", adapter_id=None,
+                                             sampling=SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)))
+    await busy.__anext__()  # the step thread is generating
+    tensors, config = lora(4, seed=30)
+    await engine.load_adapter_async("a", tensors, config)
+    assert engine.adapters() == ["a"]
+    chunks = [c async for c in engine.generate(GenerationRequest(
+        request_id="on-a", prompt="Hi", adapter_id="a", sampling=SamplingParams(max_tokens=3, ignore_eos=True)))]
+    assert chunks[-1].completion_tokens == 3
+
+    tensors, config = lora(4, seed=31)
+    prepared = engine.prepare_adapter("b", tensors, config)
+    load = asyncio.ensure_future(engine.load_adapter_async("b", prepared, config))
+    await asyncio.sleep(0)  # prepared already: it reserved a slot and waits for the step thread
+    assert engine.capacity().free_adapter_slots == 0
+    load.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await load
+    await busy.aclose()
+    assert engine.adapters() == ["a"] and engine.capacity().free_adapter_slots == 1
+    engine.load_adapter("c", *lora(4, seed=32))  # the slot is usable again
+    assert sorted(engine.adapters()) == ["a", "c"]
