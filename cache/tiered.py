@@ -79,9 +79,9 @@ class AdapterCache:
 
     # ---- backends -----------------------------------------------------------------------
     def add_backend(self, name: str, slots: SlotBackend) -> None:
-        resident = slots.resident()
-        self._devices[name] = _Device(name, slots, order={k: None for k in resident},
-                                      capacity=slots.free_slots() + len(resident))
+        """Adapters already in ``slots`` (e.g. the gateway's local adapters) are not the cache's:
+        they keep their slots and are never chosen for eviction."""
+        self._devices[name] = _Device(name, slots, capacity=slots.free_slots())
 
     def _device(self, backend: str) -> _Device:
         try:

@@ -8,7 +8,7 @@ import pytest
 
 from cache import AdapterBusy, AdapterCache, AdapterUnavailable, BudgetExceeded, State, Tier, UnknownAdapter
 from cache.tssp import PackageRef
-from engine import StackedLora
+from engine import AdapterConfig, StackedLora
 
 from .conftest import ADAPTER_BYTES
 
@@ -229,3 +229,14 @@ async def test_a_failing_prepare_marks_only_that_adapter_failed(source, slots) -
     assert status.state is State.FAILED and "not accepted" in status.reason
     await cache.load("a/ad0", "embedded")
     assert slots.resident() == {"a/ad0"}
+
+
+async def test_adapters_resident_before_the_cache_keep_their_slots(source, slots, engine) -> None:
+    tensors = await source.open("a/ad3")
+    engine.load_adapter("local:pinned", tensors.tensors, AdapterConfig(4, 8.0, ("q_proj",)))
+    cache = AdapterCache(source, cpu_budget_bytes=16 * ADAPTER_BYTES)
+    cache.add_backend("embedded", slots)
+    for key in ("a/ad0", "a/ad1", "a/ad2", "a/ad0"):  # one slot left for the cache's adapters
+        async with cache.lease(key, "embedded"):
+            assert slots.resident() == {"local:pinned", key}
+    assert "local:pinned" not in cache.stats()["tenants"] and cache.counters.offloads == 3
