@@ -32,17 +32,13 @@ from .protocol import ChatRequest, CompletionRequest, parse_chat, parse_completi
 from .protocol import responses as wire
 from .quotas import QuotaLimits, Quotas
 from .routing import AUTO, AutoRouter, routing_text
-from .streaming import ChunkTemplate, EventStream
+from .streaming import ChunkTemplate, ClientGone, Disconnect, EventStream
 from .usage import UsageRecorder
 
 log = logging.getLogger("tensafe.gateway")
 T = TypeVar("T")
 DEFAULT_TOKEN_ESTIMATE = 256  # completion tokens charged up front when max_tokens is unset (refunded)
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
-
-
-class ClientGone(Exception):
-    """The client disconnected before the response started."""
 
 
 def api_error(exc: backend_errors.BackendError, retry_after: int) -> errors.ApiError:
@@ -62,33 +58,14 @@ def api_error(exc: backend_errors.BackendError, retry_after: int) -> errors.ApiE
 
 
 async def guarded(request: Request, awaitable: Awaitable[T], deadline: float) -> T:
-    """Await ``awaitable`` unless the client disconnects (ClientGone) or the deadline passes
-    (a 504); either way the awaitable is cancelled. It runs in the calling task: only the
-    disconnect watcher is a task of its own."""
-    task = asyncio.current_task()
-    assert task is not None
-    gone = False
-
-    async def watch() -> None:
-        nonlocal gone
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-        gone = True
-        task.cancel()
-
-    watcher = asyncio.ensure_future(watch())
-    try:
-        async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-            return await awaitable
-    except TimeoutError:
-        raise errors.Timeout("The request timed out.", code="timeout") from None
-    except asyncio.CancelledError:
-        if not gone:
-            raise
-        task.uncancel()
-        raise ClientGone() from None
-    finally:
-        watcher.cancel()
+    """Await ``awaitable`` in the calling task unless the client disconnects (ClientGone) or the
+    deadline passes (a 504); either way the awaitable is cancelled."""
+    async with Disconnect(request.receive):
+        try:
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                return await awaitable
+        except TimeoutError:
+            raise errors.Timeout("The request timed out.", code="timeout") from None
 
 
 class Completions:

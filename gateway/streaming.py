@@ -18,11 +18,44 @@ from starlette.types import Receive, Scope, Send
 _text = json.JSONEncoder(ensure_ascii=False).encode  # one JSON string literal
 
 
+class ClientGone(Exception):
+    """The client disconnected."""
+
+
+class Disconnect:
+    """``async with Disconnect(receive)``: while the block runs, the client disconnecting cancels
+    the task that entered it, and the block ends with ClientGone (the task is uncancelled). A
+    watcher task reads ``receive``; it is stopped when the block ends, so clean-up after the
+    block cannot be interrupted."""
+
+    def __init__(self, receive: Receive) -> None:
+        self.receive = receive
+        self.gone = False
+
+    async def __aenter__(self) -> Disconnect:
+        task = asyncio.current_task()
+        assert task is not None
+        self.task = task
+        self.watcher = asyncio.ensure_future(self._watch())
+        return self
+
+    async def _watch(self) -> None:
+        while (await self.receive())["type"] != "http.disconnect":
+            pass
+        self.gone = True
+        self.task.cancel()
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        self.watcher.cancel()
+        if self.gone and kind is not None and issubclass(kind, asyncio.CancelledError):
+            self.task.uncancel()
+            raise ClientGone() from None
+
+
 class EventStream(Response):
     """Streams ``events`` (SSE-encoded bytes) until they end, the client disconnects (the
     iterator is closed at once, which aborts the generation) or ``deadline`` (time.monotonic)
-    passes:
-    then ``on_timeout()`` is sent as the last event."""
+    passes: then ``on_timeout()`` is sent as the last event."""
 
     media_type = "text/event-stream"
 
@@ -36,22 +69,8 @@ class EventStream(Response):
         self.init_headers(headers)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        gone = streaming = True
-
-        async def watch() -> None:
-            nonlocal gone
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            if streaming:  # once the stream is over, its clean-up must not be interrupted
-                gone = True
-                task.cancel()
-
-        gone = False
-        watcher = asyncio.ensure_future(watch())
         try:
-            try:
+            async with Disconnect(receive):
                 await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
                 try:
                     async with asyncio.timeout(max(0.0, self.deadline - time.monotonic())):
@@ -61,14 +80,10 @@ class EventStream(Response):
                 except TimeoutError:
                     tail = self.on_timeout()
                 await send({"type": "http.response.body", "body": tail, "more_body": False})
-            finally:
-                streaming = False
-                watcher.cancel()
-                await self.events.aclose()  # type: ignore[attr-defined]
-        except asyncio.CancelledError:
-            if not gone:
-                raise
-            task.uncancel()  # the client left: nothing more to send
+        except ClientGone:
+            pass  # nothing more to send
+        finally:
+            await self.events.aclose()  # type: ignore[attr-defined]
 
 
 class ChunkTemplate:
