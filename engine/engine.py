@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import functools
 import itertools
 import logging
@@ -16,7 +17,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -177,13 +178,8 @@ class Engine:
         """Copy an adapter (PEFT tensors or a StackedLora from ``prepare_adapter``) into a free
         slot. Blocking; the copy itself runs on the step thread, between two steps."""
         stacked = self.lora.prepare(adapter_id, tensors, config)
-        slot = self.lora.reserve(adapter_id)
-        try:
-            self._on_step_thread(functools.partial(self.lora.write, slot, stacked)).result()
-        except BaseException:
-            self.lora.abandon(adapter_id)
-            raise
-        self.lora.commit(adapter_id, stacked)
+        with self._loading(adapter_id, stacked) as written:
+            written.result()
 
     async def load_adapter_async(
         self, adapter_id: str, tensors: Mapping[str, torch.Tensor], config: AdapterConfig
@@ -194,9 +190,16 @@ class Engine:
             stacked = self.lora.prepare(adapter_id, tensors, config)  # already laid out: checks only
         else:
             stacked = await asyncio.to_thread(self.lora.prepare, adapter_id, tensors, config)
+        with self._loading(adapter_id, stacked) as written:
+            await asyncio.wrap_future(written)
+
+    @contextlib.contextmanager
+    def _loading(self, adapter_id: str, stacked: StackedLora) -> Iterator[concurrent.futures.Future]:
+        """Reserve a slot and queue the copy; the block waits for it. The adapter is usable once
+        the block ends; if it raises (the copy failed, the caller gave up) the slot is given back."""
         slot = self.lora.reserve(adapter_id)
         try:
-            await asyncio.wrap_future(self._on_step_thread(functools.partial(self.lora.write, slot, stacked)))
+            yield self._on_step_thread(functools.partial(self.lora.write, slot, stacked))
         except BaseException:
             self.lora.abandon(adapter_id)
             raise
@@ -339,19 +342,8 @@ class Engine:
                 sched.abort(arg, emit)
             elif kind == "call":
                 _settle(arg[1], arg[0])
-            elif kind == "stop":
-                self._refuse_calls()
+            elif kind == "stop":  # calls are only queued before it (see _on_step_thread)
                 return True
-
-    def _refuse_calls(self) -> None:
-        """After stop: calls still queued fail instead of leaving their callers waiting."""
-        while True:
-            try:
-                kind, arg = self._inbox.get_nowait()
-            except queue.Empty:
-                return
-            if kind == "call" and arg[1].set_running_or_notify_cancel():
-                arg[1].set_exception(EngineClosed())
 
     @staticmethod
     def _deliver(outbox: list[tuple[Sequence, object]]) -> None:
