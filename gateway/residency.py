@@ -33,7 +33,9 @@ class BackendSlots:
         tensors = self.backend.prepare_adapter(adapter.key, adapter.tensors, _config(adapter))
         if tensors is adapter.tensors:
             return adapter
-        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        nbytes = getattr(tensors, "nbytes", None)  # a prepared layout knows its size: no walk over views
+        if nbytes is None:
+            nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
         return dataclasses.replace(adapter, tensors=tensors, nbytes=nbytes)
 
     async def load(self, key: str, adapter: Decrypted) -> None:
