@@ -10,11 +10,11 @@ parts a previous occupant left non-zero are cleared. The base model is "no slot"
 rows get a zero LoRA delta.
 
 For a batch, only the k distinct adapters the rows use are gathered, once per batch
-composition, per fused projection group (q/k/v, o, gate/up, down): ``A: [k, in, m*r]`` and a
-block-diagonal ``B: [k, m*r, out]`` (m = modules of the group some adapter targets, r = the
-largest rank in the batch). Rows are grouped by adapter, so a projection's LoRA delta is two
-batched matmuls whatever the mix, each row pays only for its own adapter, and each adapter's
-weights are read once per step (not once per row, as a per-row gather would).
+composition, per fused projection group (q/k/v, o, gate/up, down): ``A: [k, m*r, in]`` (used
+transposed) and a block-diagonal ``B: [k, m*r, out]`` (m = modules of the group some adapter
+targets, r = the largest rank in the batch). Rows are grouped by adapter, so a projection's
+LoRA delta is two batched matmuls whatever the mix, each row pays only for its own adapter, and
+each adapter's weights are read once per step (not once per row, as a per-row gather would).
 """
 from __future__ import annotations
 
@@ -45,7 +45,8 @@ _NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_
 
 @dataclasses.dataclass(frozen=True)
 class GroupLora:
-    a: torch.Tensor  # [layers, k, in, m*r]: the k adapters' A of the group's m modules, side by side
+    a: torch.Tensor  # [layers, k, m*r, in]: the k adapters' A of the group's m modules, stacked
+    # (used transposed: matmuls take the transposed view as is, and gathering stays row copies)
     b: torch.Tensor  # [layers, k, m*r, out_group]: block-diagonal B, scaling folded in
 
 
@@ -90,13 +91,13 @@ class LoraBatch:
         if g is None:
             return
         if self.k == 1:
-            xa = torch.mm(x, g.a[layer, 0])
+            xa = torch.mm(x, g.a[layer, 0].t())
             if self.row_mask is not None:
                 xa.mul_(self.row_mask)
             out.addmm_(xa, g.b[layer, 0])
             return
         xg = x.index_select(0, self.gather).view(self.k, self.width, -1)
-        y = torch.bmm(torch.bmm(xg, g.a[layer]), g.b[layer]).view(self.k * self.width, -1)
+        y = torch.bmm(torch.bmm(xg, g.a[layer].transpose(1, 2)), g.b[layer]).view(self.k * self.width, -1)
         if self.valid is not None:
             y = y.index_select(0, self.valid)
         out.index_add_(0, self.dest, y)
@@ -373,13 +374,13 @@ class LoraSlots:
             if not active:
                 continue
             outs = [self.dims.projection_shape(m)[1] for m in modules]
-            # A[m]: [L, slots, max_rank, in] -> [L, k, in, rank], side by side over modules
-            a = torch.cat([self.A[m].index_select(1, sel)[:, :, :rank].transpose(2, 3) for m in active], dim=3)
+            # A[m]: [L, slots, max_rank, in] -> [L, k, rank, in], stacked over modules
+            a = torch.cat([self.A[m][:, :, :rank].index_select(1, sel) for m in active], dim=2)
             b = torch.zeros((L, k, len(active) * rank, sum(outs)), dtype=self.dtype, device=device)
             for j, m in enumerate(active):
                 col = sum(outs[: modules.index(m)])
                 b[:, :, j * rank : (j + 1) * rank, col : col + outs[modules.index(m)]] = (
-                    self.B[m].index_select(1, sel)[..., :rank].transpose(2, 3)
+                    self.B[m][..., :rank].index_select(1, sel).transpose(2, 3)
                 )
-            groups[group] = GroupLora(a=a.contiguous(), b=b)
+            groups[group] = GroupLora(a=a, b=b)
         return groups
