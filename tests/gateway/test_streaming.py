@@ -1,15 +1,20 @@
 """SSE chunks rendered from templates are exactly the JSON OpenAI defines, whatever the text."""
 from __future__ import annotations
 
+import gc
 import json
+import os
+import types
 
+import httpx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway.app import create_app
 from gateway.protocol.responses import completion
 from gateway.streaming import ChunkTemplate
 
-from .conftest import validate
+from .conftest import API_KEY, Server, validate
 
 texts = st.text(alphabet=st.characters(codec="utf-8"), max_size=40)
 reasons = st.sampled_from([None, "stop", "length"])
@@ -43,3 +48,25 @@ def test_completion_chunks_equal_the_completion_body(text, reason, usage, model)
     if usage:
         expected["usage"] = None
     assert chunk == expected
+
+
+def test_requests_leave_no_garbage_cycles(null_settings) -> None:
+    """Cycles through request tasks, exceptions and frames wait for the cyclic collector, whose
+    full passes stall the event loop (they showed as +50-80 ms on a burst's p99 latency)."""
+    body = {"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+    with Server(create_app(null_settings)) as server, httpx.Client(
+            base_url=server.url, headers={"authorization": f"Bearer {API_KEY}"}) as client:
+        assert client.post("/v1/chat/completions", json=body).status_code == 200  # warm-up
+        gc.collect()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            for stream in (True, False, True, False):
+                with client.stream("POST", "/v1/chat/completions", json={**body, "stream": stream}) as r:
+                    assert r.status_code == 200 and r.read()
+            gc.collect()
+            ours = [o for o in gc.garbage if isinstance(o, types.FrameType)
+                    and f"{os.sep}gateway{os.sep}" in o.f_code.co_filename]
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+    assert not ours, [f"{f.f_code.co_filename}:{f.f_code.co_name}" for f in ours]
