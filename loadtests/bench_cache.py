@@ -12,6 +12,7 @@ Prints one JSON line with, at the top level:
 from __future__ import annotations
 
 import argparse
+import gc
 import asyncio
 import json
 import random
@@ -128,6 +129,7 @@ async def main_async(args: argparse.Namespace) -> dict:
         counts = await asyncio.gather(*(one(i, k) for i, k in enumerate(keys)))
         return sum(counts) / (time.perf_counter() - t0)
 
+    gc.freeze()  # as the gateway does once it is ready (gateway/server.py)
     await stream(["z0"] * 32)  # warm-up
     single = await stream(["z0"] * args.requests)
     zipf = await stream(zipf_keys)
