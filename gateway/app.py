@@ -96,7 +96,8 @@ class Gateway:
         self.store = open_store(settings.resolved_store_url())
         self.keys = PROVIDERS[settings.key_provider](settings.data_dir)
         self.oidc = _oidc(settings)
-        self.auth = Authenticator(self.store, self.keys.hashing_key(), admin_key=settings.admin_key, oidc=self.oidc)
+        self.auth = Authenticator(self.store, self.keys.hashing_key(), admin_key=settings.admin_key, oidc=self.oidc,
+                                  cache_ttl_s=settings.auth_cache_ttl_s)
         self.blobs = BlobStore(settings.data_dir / "blobs")
         self.models = ModelTable(settings.model_name, int(time.time()), self.store)
         self.usage = UsageRecorder(self.store)

@@ -80,12 +80,14 @@ class Tenancy:
         updated = Tenant(tenant.id, changes.get("name", tenant.name), tenant.created,
                          changes.get("suspended", tenant.suspended), changes.get("quotas", tenant.quotas))
         await self.store.update_tenant(updated)
+        self.auth.forget()  # suspension and quotas apply from the next request
         await self.audit(actor, "tenant.update", tenant_id, **changes)
         return updated
 
     async def delete_tenant(self, actor: str, tenant_id: str) -> None:
         await self.tenant(tenant_id)
         removed = await self.store.delete_tenant(tenant_id)
+        self.auth.forget()
         for record in removed:
             await self._forget(record)
         await self.audit(actor, "tenant.delete", tenant_id, adapters=[r.name for r in removed])
@@ -110,6 +112,7 @@ class Tenancy:
             raise errors.NotFound(f"No API key '{key_id[:64]}'.", code="key_not_found")
         record = await self.store.revoke_api_key(key_id, int(time.time()))
         assert record is not None
+        self.auth.forget()
         await self.audit(actor, "key.revoke", key_id, tenant=record.tenant)
         return record
 

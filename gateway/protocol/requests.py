@@ -133,13 +133,16 @@ _CHAT_FIELDS = {"model", "messages", "stream", "stream_options", "max_tokens", "
 _COMPLETION_FIELDS = {"model", "prompt", "stream", "stream_options", "max_tokens", "temperature", "top_p", "seed",
                       "stop", "user", "n", "logprobs", "presence_penalty", "frequency_penalty", "logit_bias",
                       "best_of", "echo", "suffix"} | _HINTS
+_CHAT_NEUTRAL = frozenset(_CHAT_FIELDS & _NEUTRAL.keys())
+_COMPLETION_NEUTRAL = frozenset(_COMPLETION_FIELDS & _NEUTRAL.keys())
 
 
-def _common(body: Any, known: set[str], max_tokens_names: tuple[str, ...]) -> dict[str, Any]:
+def _common(body: Any, known: set[str], neutral: frozenset[str],
+            max_tokens_names: tuple[str, ...]) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.", code="invalid_type")
-    for name in known & _NEUTRAL.keys():
-        if not _NEUTRAL[name](body.get(name)):
+    for name in body:  # an absent parameter is neutral: look only at those sent
+        if name in neutral and not _NEUTRAL[name](body[name]):
             raise _unsupported(name, "is not supported by this server with that value")
     model = body.get("model")
     if model is None:
@@ -210,7 +213,7 @@ def _content(value: Any, param: str) -> str:
 
 
 def parse_chat(body: Any) -> ChatRequest:
-    common = _common(body, _CHAT_FIELDS, ("max_tokens", "max_completion_tokens"))
+    common = _common(body, _CHAT_FIELDS, _CHAT_NEUTRAL, ("max_tokens", "max_completion_tokens"))
     raw = body.get("messages")
     if raw is None:
         raise InvalidRequest("Missing required parameter: 'messages'.", param="messages",
@@ -244,7 +247,7 @@ def parse_chat(body: Any) -> ChatRequest:
 
 
 def parse_completion(body: Any) -> CompletionRequest:
-    common = _common(body, _COMPLETION_FIELDS, ("max_tokens",))
+    common = _common(body, _COMPLETION_FIELDS, _COMPLETION_NEUTRAL, ("max_tokens",))
     prompt = body.get("prompt")
     if prompt is None:
         raise InvalidRequest("Missing required parameter: 'prompt'.", param="prompt",
