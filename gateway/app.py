@@ -232,14 +232,14 @@ class Gateway:
             return endpoint
 
         t, a = functools.partial(late, "tenant_api"), functools.partial(late, "admin_api")
-        return [
+        return [  # matched in order: the hot routes first
+            Route("/v1/chat/completions", self.chat, methods=["POST"]),
+            Route("/v1/completions", self.text, methods=["POST"]),
             Route("/health", self.health, methods=["GET"]),
             Route("/ready", self.ready_check, methods=["GET"]),
             Route("/metrics", self.metrics_endpoint, methods=["GET"]),
             Route("/v1/models", self.list_models, methods=["GET"]),
             Route("/v1/models/{model:path}", self.get_model, methods=["GET"]),
-            Route("/v1/chat/completions", self.chat, methods=["POST"]),
-            Route("/v1/completions", self.text, methods=["POST"]),
             Route("/v1/adapters", t("upload"), methods=["POST"]),
             Route("/v1/adapters", t("list_adapters"), methods=["GET"]),
             Route("/v1/adapters/{name}", t("get_adapter"), methods=["GET"]),

@@ -29,18 +29,27 @@ class Metrics:
                                  ("path",), buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.tokens = Counter("tensafe_tokens", "Prompt and completion tokens", ("tenant", "kind"),
                               registry=self.registry)
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
     def observe(self, record: dict[str, Any]) -> None:
         """One access-log record (see gateway.middleware)."""
         path = record["path"] if record["path"] in _KNOWN_PATHS else "other"  # bounded label values
-        self.requests.labels(path, str(record["status"]), record.get("error_code") or "").inc()
-        self.latency.labels(path).observe(record["latency_ms"] / 1000)
         tenant = record.get("tenant") or "-"
+        self._child(self.requests, path, str(record["status"]), record.get("error_code") or "").inc()
+        self._child(self.latency, path).observe(record["latency_ms"] / 1000)
         if "ttft_ms" in record:
-            self.ttft.labels(tenant).observe(record["ttft_ms"] / 1000)
+            self._child(self.ttft, tenant).observe(record["ttft_ms"] / 1000)
         if "prompt_tokens" in record:
-            self.tokens.labels(tenant, "prompt").inc(record["prompt_tokens"])
-            self.tokens.labels(tenant, "completion").inc(record["completion_tokens"])
+            self._child(self.tokens, tenant, "prompt").inc(record["prompt_tokens"])
+            self._child(self.tokens, tenant, "completion").inc(record["completion_tokens"])
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, kept: finding a child by labels costs more than using it."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def add_collector(self, collector: Collector) -> None:
         self.registry.register(collector)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -46,7 +46,7 @@ class GatewayMiddleware:
                 text = value.decode("latin-1")
                 request_id = text if _REQUEST_ID.match(text) else None
                 break
-        request_id = request_id or uuid.uuid4().hex
+        request_id = request_id or os.urandom(16).hex()
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         header = (b"x-request-id", request_id.encode())
@@ -81,5 +81,5 @@ class GatewayMiddleware:
                     record[key] = state[key]
             if self.observe is not None:
                 self.observe(record)
-            if self.access_log_enabled:
+            if self.access_log_enabled and access_log.isEnabledFor(logging.INFO):
                 access_log.info(json.dumps(record, separators=(",", ":")))

@@ -7,14 +7,26 @@ import collections
 import contextlib
 import datetime
 import logging
+import time
 
 from .store import Store
 
 log = logging.getLogger("tensafe.gateway")
 
 
-def today() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")
+_day = ("", 0.0, 0.0)  # (a UTC date, its start and its end as Unix times)
+
+
+def today(now: float | None = None) -> str:
+    """The UTC date at ``now`` (default: now), ``YYYY-MM-DD``; formatted once per day, since
+    this runs on every request."""
+    global _day
+    now = time.time() if now is None else now
+    if not _day[1] <= now < _day[2]:
+        date = datetime.datetime.fromtimestamp(now, datetime.UTC).date()
+        start = datetime.datetime.combine(date, datetime.time(), datetime.UTC).timestamp()
+        _day = (date.isoformat(), start, start + 86400)
+    return _day[0]
 
 
 class UsageRecorder:

@@ -64,3 +64,17 @@ async def test_usage_rows_the_store_refuses_wait_for_the_next_flush(tmp_path):
     rows = await store.usage("t")
     assert [(r.day, r.requests, r.prompt_tokens, r.completion_tokens) for r in rows] == [(today(), 3, 111, 7)]
     await store.close()
+
+
+def test_usage_day_is_the_utc_date_on_both_sides_of_midnight():
+    import datetime
+
+    from gateway.usage import today
+
+    midnight = datetime.datetime(2026, 3, 1, tzinfo=datetime.UTC).timestamp()
+    assert today(midnight - 0.001) == "2026-02-28"
+    assert today(midnight) == "2026-03-01"
+    assert today(midnight - 1) == "2026-02-28"  # a clock set back is followed too
+    assert today(midnight + 86399.9) == "2026-03-01"
+    assert today(midnight + 86400) == "2026-03-02"
+    assert today() == datetime.datetime.now(datetime.UTC).date().isoformat()
