@@ -12,8 +12,8 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import os
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -131,7 +131,7 @@ class Completions:
                 resources.push_async_callback(lambda: admission.release(tally.tokens))
             if route.cached and self.cache is not None:
                 await guarded(request, resources.enter_async_context(self._lease(route)), deadline)
-            rid = prefix + uuid.uuid4().hex
+            rid = prefix + os.urandom(16).hex()
             breq = BackendRequest(
                 request_id=rid,
                 sampling=Sampling(max_tokens=max_tokens, temperature=params.temperature, top_p=params.top_p,
@@ -227,15 +227,17 @@ class Completions:
                       render: Callable[[BackendChunk, bool], bytes], usage: Callable[[BackendChunk], bytes] | None,
                       resources: contextlib.AsyncExitStack,
                       done: Callable[[BackendChunk | None], None]) -> AsyncIterator[bytes]:
-        """The SSE events of one stream (the response enforces the deadline and disconnects)."""
+        """The SSE events of one stream (the response enforces the deadline and disconnects).
+        The finishing chunk, the usage chunk and ``[DONE]`` are one event: one write."""
         chunk, last, is_first = first, first, True
         try:
             while chunk is not None:
                 last = chunk
-                yield render(chunk, is_first)
+                event = render(chunk, is_first)
                 is_first = False
                 if chunk.finish_reason is not None:
                     break
+                yield event
                 try:
                     chunk = await anext(stream, None)
                 except backend_errors.BackendError as exc:
@@ -243,9 +245,9 @@ class Completions:
                     request.state.error_code = error.code
                     yield wire.sse(error.body())
                     return
-            if usage is not None and last is not None:
-                yield usage(last)
-            yield wire.DONE
+            else:
+                event = b""  # the backend ended without a finish reason
+            yield event + (usage(last) if usage is not None and last is not None else b"") + wire.DONE
         finally:
             done(last)
             await resources.aclose()
@@ -271,7 +273,8 @@ class Completions:
             return wire.sse(errors.Timeout("The request timed out.", code="timeout").body())
 
         events = self._events(request, stream, first, render, usage, resources, done)
-        return EventStream(events, deadline=deadline, on_timeout=timed_out, headers={**SSE_HEADERS, **headers})
+        return EventStream(events, deadline=deadline, on_timeout=timed_out, final=wire.DONE,
+                           headers={**SSE_HEADERS, **headers})
 
 
 @dataclasses.dataclass

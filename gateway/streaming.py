@@ -59,13 +59,15 @@ class Disconnect:
 class EventStream(Response):
     """Streams ``events`` (SSE-encoded bytes) until they end, the client disconnects (the
     iterator is closed at once, which aborts the generation) or ``deadline`` (time.monotonic)
-    passes: then ``on_timeout()`` is sent as the last event."""
+    passes: then ``on_timeout()`` is sent as the last event. An event that ends with ``final``
+    is the last one and goes out together with the end of the response, in one write."""
 
     media_type = "text/event-stream"
 
     def __init__(self, events: AsyncIterator[bytes], *, deadline: float, on_timeout: Callable[[], bytes],
-                 headers: Mapping[str, str] | None = None) -> None:
+                 final: bytes | None = None, headers: Mapping[str, str] | None = None) -> None:
         self.events = events
+        self.final = final
         self.deadline = deadline
         self.on_timeout = on_timeout
         self.status_code = 200
@@ -78,9 +80,12 @@ class EventStream(Response):
                 await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
                 try:
                     async with asyncio.timeout(max(0.0, self.deadline - time.monotonic())):
+                        tail = b""
                         async for event in self.events:
+                            if self.final is not None and event.endswith(self.final):
+                                tail = event
+                                break
                             await send({"type": "http.response.body", "body": event, "more_body": True})
-                    tail = b""
                 except TimeoutError:
                     tail = self.on_timeout()
                 await send({"type": "http.response.body", "body": tail, "more_body": False})

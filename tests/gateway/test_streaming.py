@@ -1,12 +1,14 @@
 """SSE chunks rendered from templates are exactly the JSON OpenAI defines, whatever the text."""
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
 import os
 import types
 
 import httpx
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -15,6 +17,7 @@ from gateway.protocol.responses import completion
 from gateway.streaming import ChunkTemplate
 
 from .conftest import API_KEY, Server, validate
+from .conftest import settings as gateway_settings
 
 texts = st.text(alphabet=st.characters(codec="utf-8"), max_size=40)
 reasons = st.sampled_from([None, "stop", "length"])
@@ -70,3 +73,50 @@ def test_requests_leave_no_garbage_cycles(null_settings) -> None:
             gc.set_debug(0)
             gc.garbage.clear()
     assert not ours, [f"{f.f_code.co_filename}:{f.f_code.co_name}" for f in ours]
+
+
+async def call_asgi(app, path: str, body: dict) -> list[dict]:
+    """One request straight through the ASGI app: the messages it sends, in order."""
+    raw = json.dumps(body).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "headers": [(b"authorization", f"Bearer {API_KEY}".encode()), (b"content-type", b"application/json"),
+                         (b"content-length", str(len(raw)).encode())],
+             "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000), "state": {}}
+    inbox = [{"type": "http.request", "body": raw, "more_body": False}]
+    sent: list[dict] = []
+    finished = asyncio.Event()
+
+    async def receive() -> dict:
+        if inbox:
+            return inbox.pop()
+        await finished.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            finished.set()
+
+    await app(scope, receive, send)
+    return sent
+
+
+@pytest.mark.parametrize("usage", [False, True])
+async def test_a_stream_is_one_send_per_token_and_ends_in_the_last(tmp_path, usage) -> None:
+    """The finishing chunk, the usage chunk, [DONE] and the end of the body leave in one send."""
+    app = create_app(gateway_settings(tmp_path, null_tokens=6))
+    body = {"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "Hi"}], "stream": True}
+    if usage:
+        body["stream_options"] = {"include_usage": True}
+    async with app.router.lifespan_context(app):
+        sent = await call_asgi(app, "/v1/chat/completions", body)
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 200
+    bodies = sent[1:]
+    assert len(bodies) == 6 and [m["more_body"] for m in bodies] == [True] * 5 + [False]
+    last = bodies[-1]["body"]
+    events = [e + b"\n\n" for e in last.split(b"\n\n") if e]
+    assert events[-1] == b"data: [DONE]\n\n" and len(events) == (3 if usage else 2)
+    assert parse(events[0])["choices"][0]["finish_reason"] == "length"
+    if usage:
+        assert parse(events[1])["usage"]["completion_tokens"] == 6
