@@ -1,9 +1,10 @@
 """Chat and text completions: parse, resolve the model, run the backend, answer as JSON or SSE.
 
 Streaming waits for the first chunk before sending headers, so a refused request (queue full,
-context too long) still gets its proper status. While waiting, a client disconnect or the
-request timeout aborts the generation; once streaming, Starlette cancels the body iterator on
-disconnect and closing the backend stream aborts it, freeing the batch slot at once.
+context too long) still gets its proper status. One watcher per request (``Disconnect``) sees
+the client go, whether the request is waiting for its adapter, its first token or is
+streaming; then, as on the request timeout, the backend stream is closed, which aborts the
+generation and frees its batch slot at once.
 """
 from __future__ import annotations
 
@@ -57,10 +58,10 @@ def api_error(exc: backend_errors.BackendError, retry_after: int) -> errors.ApiE
                              retry_after=retry_after)
 
 
-async def guarded(request: Request, awaitable: Awaitable[T], deadline: float) -> T:
+async def guarded(disconnect: Disconnect, awaitable: Awaitable[T], deadline: float) -> T:
     """Await ``awaitable`` in the calling task unless the client disconnects (ClientGone) or the
     deadline passes (a 504); either way the awaitable is cancelled."""
-    async with Disconnect(request.receive):
+    async with disconnect:
         try:
             async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
                 return await awaitable
@@ -122,6 +123,8 @@ class Completions:
             max_tokens = max_tokens or cap
         # everything this request holds, released in reverse order when it ends however it ends
         resources = contextlib.AsyncExitStack()
+        disconnect = Disconnect(request.receive)
+        resources.callback(disconnect.stop)
         tally = _Tally()
         try:
             if self.quotas is not None and principal.tenant is not None:
@@ -130,7 +133,7 @@ class Completions:
                                                     estimate)
                 resources.push_async_callback(lambda: admission.release(tally.tokens))
             if route.cached and self.cache is not None:
-                await guarded(request, resources.enter_async_context(self._lease(route)), deadline)
+                await guarded(disconnect, resources.enter_async_context(self._lease(route)), deadline)
             rid = prefix + os.urandom(16).hex()
             breq = BackendRequest(
                 request_id=rid,
@@ -142,7 +145,7 @@ class Completions:
             stream = aiter(self.backend.generate(breq))
             resources.push_async_callback(stream.aclose)
             try:
-                first = await guarded(request, anext(stream, None), deadline)
+                first = await guarded(disconnect, anext(stream, None), deadline)
             except backend_errors.BackendError as exc:
                 raise api_error(exc, self.retry_after) from None
         except ClientGone:
@@ -160,10 +163,10 @@ class Completions:
         done = functools.partial(self._account, state, principal, route, tally)
         if params.stream:
             return self._stream(request, stream, first, chat, rid, created, route, params.include_usage, deadline,
-                                resources, done, headers)
+                                disconnect, resources, done, headers)
         last = None
         try:
-            text, last = await guarded(request, _collect(stream, first), deadline)
+            text, last = await guarded(disconnect, _collect(stream, first), deadline)
         except ClientGone:
             state.error_code = "client_disconnected"
             return Response(status_code=499)
@@ -225,7 +228,6 @@ class Completions:
 
     async def _events(self, request: Request, stream: AsyncIterator[BackendChunk], first: BackendChunk | None,
                       render: Callable[[BackendChunk, bool], bytes], usage: Callable[[BackendChunk], bytes] | None,
-                      resources: contextlib.AsyncExitStack,
                       done: Callable[[BackendChunk | None], None]) -> AsyncIterator[bytes]:
         """The SSE events of one stream (the response enforces the deadline and disconnects).
         The finishing chunk, the usage chunk and ``[DONE]`` are one event: one write."""
@@ -250,11 +252,11 @@ class Completions:
             yield event + (usage(last) if usage is not None and last is not None else b"") + wire.DONE
         finally:
             done(last)
-            await resources.aclose()
 
     def _stream(self, request: Request, stream: AsyncIterator[BackendChunk], first: BackendChunk | None,
                 chat: bool, rid: str, created: int, route: Route, include_usage: bool, deadline: float,
-                resources: contextlib.AsyncExitStack, done: Callable[[BackendChunk | None], None],
+                disconnect: Disconnect, resources: contextlib.AsyncExitStack,
+                done: Callable[[BackendChunk | None], None],
                 headers: dict[str, str]) -> EventStream:
         model = route.model
         template = ChunkTemplate("chat.completion.chunk" if chat else "text_completion", rid, created, model,
@@ -272,9 +274,9 @@ class Completions:
             request.state.error_code = "timeout"
             return wire.sse(errors.Timeout("The request timed out.", code="timeout").body())
 
-        events = self._events(request, stream, first, render, usage, resources, done)
-        return EventStream(events, deadline=deadline, on_timeout=timed_out, final=wire.DONE,
-                           headers={**SSE_HEADERS, **headers})
+        events = self._events(request, stream, first, render, usage, done)
+        return EventStream(events, deadline=deadline, on_timeout=timed_out, disconnect=disconnect, final=wire.DONE,
+                           on_close=resources.aclose, headers={**SSE_HEADERS, **headers})
 
 
 @dataclasses.dataclass

@@ -5,6 +5,7 @@ import asyncio
 import gc
 import json
 import os
+import time
 import types
 
 import httpx
@@ -75,8 +76,9 @@ def test_requests_leave_no_garbage_cycles(null_settings) -> None:
     assert not ours, [f"{f.f_code.co_filename}:{f.f_code.co_name}" for f in ours]
 
 
-async def call_asgi(app, path: str, body: dict) -> list[dict]:
-    """One request straight through the ASGI app: the messages it sends, in order."""
+async def call_asgi(app, path: str, body: dict, gone: asyncio.Event | None = None) -> list[dict]:
+    """One request straight through the ASGI app: the messages it sends, in order. The client
+    disconnects once the response ends or ``gone`` is set."""
     raw = json.dumps(body).encode()
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
              "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
@@ -90,7 +92,12 @@ async def call_asgi(app, path: str, body: dict) -> list[dict]:
     async def receive() -> dict:
         if inbox:
             return inbox.pop()
-        await finished.wait()
+        waits = [asyncio.ensure_future(e.wait()) for e in (finished, gone) if e is not None]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
         return {"type": "http.disconnect"}
 
     async def send(message: dict) -> None:
@@ -120,3 +127,41 @@ async def test_a_stream_is_one_send_per_token_and_ends_in_the_last(tmp_path, usa
     assert parse(events[0])["choices"][0]["finish_reason"] == "length"
     if usage:
         assert parse(events[1])["usage"]["completion_tokens"] == 6
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("phase", ["queued", "generating"])
+async def test_a_client_that_leaves_frees_its_slot_and_quota_at_once(tmp_path, stream, phase) -> None:
+    """One watcher serves every wait of a request: queued behind a full batch, waiting for the
+    first token, collecting a reply or streaming it."""
+    app = create_app(gateway_settings(tmp_path, null_tokens=1000, null_token_delay_s=0.05, max_num_seqs=1))
+    backend = app.state.gateway.backend
+    body = {"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "Hi"}], "stream": stream}
+    async with app.router.lifespan_context(app):
+        blocker_gone = asyncio.Event()
+        blocker = asyncio.ensure_future(call_asgi(app, "/v1/chat/completions", {**body, "stream": True},
+                                                  blocker_gone))
+        while backend.capacity().free_sequence_slots:
+            await asyncio.sleep(0.01)
+        if phase == "generating":
+            blocker_gone.set()
+            await asyncio.wait_for(blocker, 5)
+        gone = asyncio.Event()
+        request = asyncio.ensure_future(call_asgi(app, "/v1/chat/completions", body, gone))
+        await asyncio.sleep(0.2)  # queued behind the blocker, or generating (first token after 50 ms)
+        assert not request.done()
+        assert backend.capacity().queue_depth == (1 if phase == "queued" else 0)
+        gone.set()
+        t0 = time.monotonic()
+        sent = await asyncio.wait_for(request, 5)
+        assert time.monotonic() - t0 < 0.5
+        if stream and phase == "generating":
+            assert sent[0]["status"] == 200  # it was streaming: the body just ends
+        else:
+            assert sent[0]["status"] == 499
+        if phase == "queued":
+            assert backend.capacity().queue_depth == 0
+            blocker_gone.set()
+            await asyncio.wait_for(blocker, 5)
+        assert backend.capacity().free_sequence_slots == 1
+        assert app.state.gateway.quotas._inflight.get("default", 0) == 0  # the concurrency quota is back
