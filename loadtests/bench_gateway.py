@@ -1,22 +1,31 @@
 """Gateway overhead: the same streaming workload on the null backend, called in-process and
 through the HTTP gateway (a real uvicorn process on 127.0.0.1).
 
-  python -m loadtests.bench_gateway [--requests 64] [--tokens 16] [--token-delay-ms 5] [--rounds 5]
+  python -m loadtests.bench_gateway [--requests 64] [--tokens 16] [--token-delay-ms 5] [--rounds 10]
 
 Each round starts ``--requests`` concurrent streaming chat completions of ``--tokens`` tokens.
 The HTTP client is a minimal asyncio HTTP/1.1 reader (no SDK parsing cost in the figure) that
 keeps one persistent connection per concurrent stream, as an SDK's connection pool does, so
 the difference between the two sides is what the gateway adds: auth, JSON parsing and
 validation, SSE framing, HTTP and the access log. ``added_ms_one_at_a_time`` repeats the
-comparison with one request in flight, the per-request cost without queueing. Prints one JSON line:
-``{"added_ms": {"ttft_p50", "ttft_p99", "e2e_p50", "e2e_p99"}, "direct": {...}, "gateway": {...}}``.
+comparison with one request in flight, the per-request cost without queueing.
+
+The peer, measured with the same client in the same run (rounds alternate between the two
+servers): ``loadtests.asgi_floor``, a bare ASGI app on uvicorn that only reads the body,
+parses the JSON and streams the same chunks at the same pace. ``floor_added_ms`` is what
+HTTP, uvicorn and a second process add on this machine before any gateway logic.
+
+Prints one JSON line: ``{"added_ms": {"ttft_p50", "ttft_p99", "e2e_p50", "e2e_p99"},
+"floor_added_ms": {...}, "direct": {...}, "gateway": {...}, "floor": {...}}``.
 Bars: added TTFT p50 <= 1 ms, added end-to-end p99 <= 5 ms.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -108,26 +117,66 @@ async def http_round(conns: list[Connection], tokens: int) -> tuple[list[float],
     return [r[0] for r in results], [r[1] for r in results]
 
 
-def start_gateway(args: argparse.Namespace, data_dir: str) -> tuple[subprocess.Popen, int]:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "gateway.cli", "serve", "--backend", "null", "--port", str(port), "--api-key", KEY,
-           "--null-tokens", str(args.tokens), "--null-token-delay-s", str(args.token_delay_ms / 1000),
-           "--max-num-seqs", str(args.requests), "--log-level", "warning", "--data-dir", data_dir]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return s.getsockname()[1]
+
+
+def start_server(cmd: list[str], port: int, env: dict[str, str] | None = None) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return proc, port
+                return proc
         except OSError:
             time.sleep(0.1)
     proc.kill()
-    raise RuntimeError("gateway did not start")
+    raise RuntimeError(f"{cmd[2]} did not start")
+
+
+def start_gateway(args: argparse.Namespace, data_dir: str) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "gateway.cli", "serve", "--backend", "null", "--port", str(port), "--api-key", KEY,
+           "--null-tokens", str(args.tokens), "--null-token-delay-s", str(args.token_delay_ms / 1000),
+           "--max-num-seqs", str(args.requests), "--log-level", "warning", "--data-dir", data_dir]
+    return start_server(cmd, port), port
+
+
+def start_floor(args: argparse.Namespace) -> tuple[subprocess.Popen, int]:
+    """The peer: a bare ASGI app on uvicorn with the gateway's server settings (loadtests.asgi_floor)."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "uvicorn", "loadtests.asgi_floor:app", "--port", str(port), "--log-level",
+           "warning", "--no-access-log"]
+    env = {**os.environ, "TENSAFE_FLOOR_DELAY_S": str(args.token_delay_ms / 1000)}
+    return start_server(cmd, port, env), port
+
+
+async def measure(ports: dict[str, int], args: argparse.Namespace) -> dict[str, tuple[list[float], list[float]]]:
+    """Rounds of concurrent streams against each server, alternating servers round by round so
+    that both meet the same machine conditions."""
+    conns = {name: [Connection(port) for _ in range(args.requests)] for name, port in ports.items()}
+    out: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in ports}
+    try:
+        for name in ports:
+            await http_round(conns[name], args.tokens)  # warm-up: opens the connections
+        for _ in range(args.rounds):
+            for name in ports:
+                t, e = await http_round(conns[name], args.tokens)
+                out[name][0].extend(t)
+                out[name][1].extend(e)
+    finally:
+        for cs in conns.values():
+            for c in cs:
+                c.close()
+    return out
 
 
 async def main_async(args: argparse.Namespace) -> dict:
+    # The client is the measuring instrument: no collector pauses in it (it collects between phases).
+    gc.collect()
+    gc.disable()
     backend = NullBackend(model=MODEL, tokens=args.tokens, token_delay_s=args.token_delay_ms / 1000,
                           max_num_seqs=args.requests)
     await backend.start()
@@ -139,30 +188,34 @@ async def main_async(args: argparse.Namespace) -> dict:
         d_ttft += t
         d_e2e += e
     data_dir = tempfile.TemporaryDirectory(prefix="tensafe-bench-")
-    proc, port = start_gateway(args, data_dir.name)
+    procs = []
     try:
-        g_ttft: list[float] = []
-        g_e2e: list[float] = []
-        conns = [Connection(port) for _ in range(args.requests)]
-        await http_round(conns, args.tokens)  # warm-up: opens the connections
-        for _ in range(args.rounds):
-            t, e = await http_round(conns, args.tokens)
-            g_ttft += t
-            g_e2e += e
-        single = await single_requests(backend, conns[0], args.tokens, 50)
-        for c in conns:
-            c.close()
+        gw_proc, gw_port = start_gateway(args, data_dir.name)
+        procs.append(gw_proc)
+        floor_proc, floor_port = start_floor(args)
+        procs.append(floor_proc)
+        gc.collect()
+        results = await measure({"gateway": gw_port, "floor": floor_port}, args)
+        gc.collect()
+        single_conn = Connection(gw_port)
+        single = await single_requests(backend, single_conn, args.tokens, 50)
+        single_conn.close()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            proc.wait(30)
         data_dir.cleanup()
-    direct, gateway = summary(d_ttft, d_e2e), summary(g_ttft, g_e2e)
+    direct = summary(d_ttft, d_e2e)
+    gateway, floor = summary(*results["gateway"]), summary(*results["floor"])
     added = {k: round(gateway[k] - direct[k], 3) for k in direct}
     return {
         "bench": "gateway_overhead", "requests": args.requests, "tokens": args.tokens,
         "token_delay_ms": args.token_delay_ms, "rounds": args.rounds, "added_ms": added,
+        "floor_added_ms": {k: round(floor[k] - direct[k], 3) for k in direct},
         "added_ms_one_at_a_time": single,
         "direct": {k: round(v, 3) for k, v in direct.items()}, "gateway": {k: round(v, 3) for k, v in gateway.items()},
+        "floor": {k: round(v, 3) for k, v in floor.items()},
         "bars": {"ttft_p50": 1.0, "e2e_p99": 5.0},
         "meets_bars": added["ttft_p50"] <= 1.0 and added["e2e_p99"] <= 5.0,
     }
@@ -187,7 +240,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--token-delay-ms", type=float, default=5.0, help="null backend's time per token")
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=10)
     try:
         import uvloop
     except ImportError:
