@@ -20,10 +20,11 @@ import os
 import secrets
 import time
 from pathlib import Path
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from .errors import AuthenticationFailed, PermissionDenied
+from .quotas import QuotaLimits
 from .store import ApiKeyRecord, Store, Tenant
 
 if TYPE_CHECKING:
@@ -39,7 +40,7 @@ class Principal:
     tenant: str | None  # None: an operator (admin) credential
     scopes: tuple[str, ...]
     subject: str  # key id, JWT subject or "bootstrap-admin"
-    quotas: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # the tenant's QuotaLimits as a dict
+    limits: QuotaLimits = QuotaLimits()  # the tenant's quotas
 
     def require(self, scope: str) -> None:
         """``admin`` may do anything; ``tenant-admin`` includes ``tenant``."""
@@ -88,7 +89,8 @@ class Authenticator:
         if self.oidc is not None and not token.startswith(KEY_PREFIX) and self.oidc.looks_like_jwt(token):
             identity = await self.oidc.verify(token)
             tenant = await self._active_tenant(identity.tenant)
-            return Principal(identity.tenant, identity.scopes, f"oidc:{identity.subject}", tenant.quotas)
+            return Principal(identity.tenant, identity.scopes, f"oidc:{identity.subject}",
+                             QuotaLimits.from_dict(tenant.quotas))
         digest = self.digest(token)
         if self._admin_digest is not None and hmac.compare_digest(digest, self._admin_digest):
             return Principal(None, ("admin",), "bootstrap-admin")
@@ -111,7 +113,7 @@ class Authenticator:
         if record.tenant is None:
             return Principal(None, record.scopes, record.id)
         tenant = await self._active_tenant(record.tenant)
-        return Principal(record.tenant, record.scopes, record.id, tenant.quotas)
+        return Principal(record.tenant, record.scopes, record.id, QuotaLimits.from_dict(tenant.quotas))
 
     async def _active_tenant(self, tenant_id: str) -> Tenant:
         tenant = await self.store.get_tenant(tenant_id)

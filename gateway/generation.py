@@ -31,7 +31,7 @@ from .bodies import read_json
 from .models import ModelTable, Route
 from .protocol import ChatRequest, CompletionRequest, parse_chat, parse_completion
 from .protocol import responses as wire
-from .quotas import QuotaLimits, Quotas
+from .quotas import Quotas
 from .routing import AUTO, AutoRouter, routing_text
 from .streaming import ChunkTemplate, ClientGone, Disconnect, EventStream
 from .usage import UsageRecorder
@@ -115,7 +115,7 @@ class Completions:
             route = await self.models.resolve(params.model, principal)
         state.model, state.adapter = route.model, route.model if route.adapter_id else None
         max_tokens = params.max_tokens
-        cap = principal.quotas.get("max_tokens")
+        cap = principal.limits.max_tokens
         if cap is not None:
             if max_tokens is not None and max_tokens > cap:
                 raise errors.InvalidRequest(f"max_tokens {max_tokens} exceeds your per-request limit of {cap}.",
@@ -129,8 +129,7 @@ class Completions:
         try:
             if self.quotas is not None and principal.tenant is not None:
                 estimate = prompt_chars // 3 + 1 + (max_tokens or DEFAULT_TOKEN_ESTIMATE)
-                admission = await self.quotas.admit(principal.tenant, QuotaLimits.from_dict(principal.quotas),
-                                                    estimate)
+                admission = await self.quotas.admit(principal.tenant, principal.limits, estimate)
                 resources.push_async_callback(lambda: admission.release(tally.tokens))
             if route.cached and self.cache is not None:
                 await guarded(disconnect, resources.enter_async_context(self._lease(route)), deadline)
