@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import gc
 import logging
+import queue
 import sys
 from collections.abc import Callable
+from logging.handlers import QueueHandler, QueueListener
 
 import uvicorn
 
@@ -14,24 +16,34 @@ from .app import Gateway, create_app
 from .settings import Settings
 
 
-def configure_logging(level: str) -> None:
+def configure_logging(level: str) -> QueueListener:
+    """Our loggers hand records to a queue; a listener thread writes them to stderr, so the
+    event loop never blocks on a slow log reader. Start the returned listener; stopping it
+    writes what is still queued."""
     gateway = logging.StreamHandler(sys.stderr)
     gateway.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     access = logging.StreamHandler(sys.stderr)
     access.setFormatter(logging.Formatter("%(message)s"))  # records are JSON already
+    access.addFilter(lambda record: record.name == "tensafe.access")
+    gateway.addFilter(lambda record: record.name != "tensafe.access")
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    listener = QueueListener(records, gateway, access, respect_handler_level=True)
+    to_queue = QueueHandler(records)
     root = logging.getLogger("tensafe")
-    root.handlers[:] = [gateway]
+    root.handlers[:] = [to_queue]
     root.setLevel(level.upper())
     for name in ("engine", "cache", "adapters"):
-        logging.getLogger(name).handlers[:] = [gateway]
+        logging.getLogger(name).handlers[:] = [to_queue]
         logging.getLogger(name).setLevel(level.upper())
     acc = logging.getLogger("tensafe.access")
-    acc.handlers[:] = [access]
+    acc.handlers[:] = [to_queue]
     acc.propagate = False
+    return listener
 
 
 def run(settings: Settings, on_ready: Callable[[Gateway], None] | None = None) -> None:
-    configure_logging(settings.log_level)
+    listener = configure_logging(settings.log_level)
+    listener.start()
 
     def ready(gateway: Gateway) -> None:
         # Everything alive now (modules, model, tables) lives as long as the process: moved out
@@ -45,4 +57,7 @@ def run(settings: Settings, on_ready: Callable[[Gateway], None] | None = None) -
         app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False,
         timeout_graceful_shutdown=int(settings.drain_timeout_s), lifespan="on",
     )
-    uvicorn.Server(config).run()
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        listener.stop()

@@ -140,7 +140,7 @@ def start_gateway(args: argparse.Namespace, data_dir: str) -> tuple[subprocess.P
     port = free_port()
     cmd = [sys.executable, "-m", "gateway.cli", "serve", "--backend", "null", "--port", str(port), "--api-key", KEY,
            "--null-tokens", str(args.tokens), "--null-token-delay-s", str(args.token_delay_ms / 1000),
-           "--max-num-seqs", str(args.requests), "--log-level", "warning", "--data-dir", data_dir]
+           "--max-num-seqs", str(args.requests), "--log-level", args.log_level, "--data-dir", data_dir]
     return start_server(cmd, port), port
 
 
@@ -241,6 +241,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--token-delay-ms", type=float, default=5.0, help="null backend's time per token")
     ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--log-level", default="warning", help="the gateway's; info writes the access log")
     try:
         import uvloop
     except ImportError:

@@ -38,6 +38,8 @@ class Proc:
              *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         self.stdout: list[str] = []
         self.stderr: list[str] = []
+        self.reading = threading.Event()  # cleared: nobody reads the server's output (its pipes fill up)
+        self.reading.set()
         self.pumps = [threading.Thread(target=self._pump, args=(self.p.stdout, self.stdout), daemon=True),
                       threading.Thread(target=self._pump, args=(self.p.stderr, self.stderr), daemon=True)]
         for t in self.pumps:
@@ -56,9 +58,9 @@ class Proc:
         self.wait()
         raise RuntimeError("server did not start:\n" + "".join(self.stderr))
 
-    @staticmethod
-    def _pump(stream, sink: list[str]) -> None:
+    def _pump(self, stream, sink: list[str]) -> None:
         for line in stream:
+            self.reading.wait()
             sink.append(line)
 
     def wait(self) -> int:
@@ -137,3 +139,20 @@ def test_bad_setting_is_a_clear_error(tmp_path):
     r = subprocess.run([sys.executable, "-m", "gateway.cli", "serve", "--port", "notaport"], capture_output=True,
                        text=True)
     assert r.returncode == 2 and "setting port" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_stalled_log_reader_does_not_stall_serving(tmp_path):
+    """Logs are written by a thread: with nobody reading stderr, the pipe fills (64 KiB, about
+    250 access records) and requests are still answered; every record arrives once it drains."""
+    proc = Proc(tmp_path, "--backend", "null", "--api-key", "tsk-logs", "--log-level", "info")
+    try:
+        proc.reading.clear()
+        body = {"model": BASE, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        with httpx.Client(base_url=proc.url, headers={"authorization": "Bearer tsk-logs"}, timeout=5) as client:
+            for _ in range(600):
+                assert client.post("/v1/chat/completions", json=body).status_code == 200
+    finally:
+        proc.reading.set()
+        assert proc.stop() == 0
+    access = [json.loads(line) for line in proc.stderr if line.startswith("{")]
+    assert sum(r["path"] == "/v1/chat/completions" for r in access) == 600
