@@ -197,9 +197,7 @@ async def main_async(args: argparse.Namespace) -> dict:
         gc.collect()
         results = await measure({"gateway": gw_port, "floor": floor_port}, args)
         gc.collect()
-        single_conn = Connection(gw_port)
-        single = await single_requests(backend, single_conn, args.tokens, 50)
-        single_conn.close()
+        single = await single_requests(backend, {"gateway": gw_port, "floor": floor_port}, args.tokens, 50)
     finally:
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
@@ -213,7 +211,7 @@ async def main_async(args: argparse.Namespace) -> dict:
         "bench": "gateway_overhead", "requests": args.requests, "tokens": args.tokens,
         "token_delay_ms": args.token_delay_ms, "rounds": args.rounds, "added_ms": added,
         "floor_added_ms": {k: round(floor[k] - direct[k], 3) for k in direct},
-        "added_ms_one_at_a_time": single,
+        "added_ms_one_at_a_time": single["gateway"], "floor_added_ms_one_at_a_time": single["floor"],
         "direct": {k: round(v, 3) for k, v in direct.items()}, "gateway": {k: round(v, 3) for k, v in gateway.items()},
         "floor": {k: round(v, 3) for k, v in floor.items()},
         "bars": {"ttft_p50": 1.0, "e2e_p99": 5.0},
@@ -221,18 +219,27 @@ async def main_async(args: argparse.Namespace) -> dict:
     }
 
 
-async def single_requests(backend: NullBackend, conn: Connection, tokens: int, n: int) -> dict[str, float]:
-    """One request at a time: the per-request cost without queueing behind a burst."""
-    d_t, d_e, g_t, g_e = [], [], [], []
-    for i in range(n):
-        t, e = await direct_round(backend, 1, tokens, 1000 + i)
-        d_t += t
-        d_e += e
-        t, e = await http_round([conn], tokens)
-        g_t += t
-        g_e += e
-    direct, gateway = summary(d_t, d_e), summary(g_t, g_e)
-    return {k: round(gateway[k] - direct[k], 3) for k in direct}
+async def single_requests(backend: NullBackend, ports: dict[str, int], tokens: int,
+                          n: int) -> dict[str, dict[str, float]]:
+    """One request at a time, alternating direct and each server: the per-request cost without
+    queueing behind a burst (added ms per server)."""
+    conns = {name: Connection(port) for name, port in ports.items()}
+    direct: tuple[list[float], list[float]] = ([], [])
+    served: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in ports}
+    try:
+        for i in range(n):
+            t, e = await direct_round(backend, 1, tokens, 1000 + i)
+            direct[0].extend(t)
+            direct[1].extend(e)
+            for name, conn in conns.items():
+                t, e = await http_round([conn], tokens)
+                served[name][0].extend(t)
+                served[name][1].extend(e)
+    finally:
+        for conn in conns.values():
+            conn.close()
+    base = summary(*direct)
+    return {name: {k: round(v - base[k], 3) for k, v in summary(*values).items()} for name, values in served.items()}
 
 
 def main() -> None:
