@@ -1,14 +1,13 @@
 """Chat and text completions: parse, resolve the model, run the backend, answer as JSON or SSE.
 
 Streaming waits for the first chunk before sending headers, so a refused request (queue full,
-context too long) still gets its proper status. One watcher per request (``Disconnect``) sees
-the client go, whether the request is waiting for its adapter, its first token or is
-streaming; then, as on the request timeout, the backend stream is closed, which aborts the
-generation and frees its batch slot at once.
+context too long) still gets its proper status. One guard per request (``RequestGuard``) sees
+the client go or the deadline pass, whether the request is waiting for its adapter, its first
+token or is streaming; then the backend stream is closed, which aborts the generation and
+frees its batch slot at once.
 """
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import functools
@@ -33,7 +32,7 @@ from .protocol import ChatRequest, CompletionRequest, parse_chat, parse_completi
 from .protocol import responses as wire
 from .quotas import Quotas
 from .routing import AUTO, AutoRouter, routing_text
-from .streaming import ChunkTemplate, ClientGone, Disconnect, EventStream
+from .streaming import ChunkTemplate, ClientGone, EventStream, RequestGuard
 from .usage import UsageRecorder
 
 log = logging.getLogger("tensafe.gateway")
@@ -58,15 +57,14 @@ def api_error(exc: backend_errors.BackendError, retry_after: int) -> errors.ApiE
                              retry_after=retry_after)
 
 
-async def guarded(disconnect: Disconnect, awaitable: Awaitable[T], deadline: float) -> T:
+async def guarded(guard: RequestGuard, awaitable: Awaitable[T]) -> T:
     """Await ``awaitable`` in the calling task unless the client disconnects (ClientGone) or the
     deadline passes (a 504); either way the awaitable is cancelled."""
-    async with disconnect:
-        try:
-            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                return await awaitable
-        except TimeoutError:
-            raise errors.Timeout("The request timed out.", code="timeout") from None
+    try:
+        async with guard:
+            return await awaitable
+    except TimeoutError:
+        raise errors.Timeout("The request timed out.", code="timeout") from None
 
 
 class Completions:
@@ -123,8 +121,8 @@ class Completions:
             max_tokens = max_tokens or cap
         # everything this request holds, released in reverse order when it ends however it ends
         resources = contextlib.AsyncExitStack()
-        disconnect = Disconnect(request.receive)
-        resources.callback(disconnect.stop)
+        guard = RequestGuard(request.receive, deadline)
+        resources.callback(guard.stop)
         tally = _Tally()
         try:
             if self.quotas is not None and principal.tenant is not None:
@@ -132,7 +130,7 @@ class Completions:
                 admission = await self.quotas.admit(principal.tenant, principal.limits, estimate)
                 resources.push_async_callback(lambda: admission.release(tally.tokens))
             if route.cached and self.cache is not None:
-                await guarded(disconnect, resources.enter_async_context(self._lease(route)), deadline)
+                await guarded(guard, resources.enter_async_context(self._lease(route)))
             rid = prefix + os.urandom(16).hex()
             breq = BackendRequest(
                 request_id=rid,
@@ -144,7 +142,7 @@ class Completions:
             stream = aiter(self.backend.generate(breq))
             resources.push_async_callback(stream.aclose)
             try:
-                first = await guarded(disconnect, anext(stream, None), deadline)
+                first = await guarded(guard, anext(stream, None))
             except backend_errors.BackendError as exc:
                 raise api_error(exc, self.retry_after) from None
         except ClientGone:
@@ -161,11 +159,11 @@ class Completions:
         chat = isinstance(params, ChatRequest)
         done = functools.partial(self._account, state, principal, route, tally)
         if params.stream:
-            return self._stream(request, stream, first, chat, rid, created, route, params.include_usage, deadline,
-                                disconnect, resources, done, headers)
+            return self._stream(request, stream, first, chat, rid, created, route, params.include_usage, guard,
+                                resources, done, headers)
         last = None
         try:
-            text, last = await guarded(disconnect, _collect(stream, first), deadline)
+            text, last = await guarded(guard, _collect(stream, first))
         except ClientGone:
             state.error_code = "client_disconnected"
             return Response(status_code=499)
@@ -253,8 +251,8 @@ class Completions:
             done(last)
 
     def _stream(self, request: Request, stream: AsyncIterator[BackendChunk], first: BackendChunk | None,
-                chat: bool, rid: str, created: int, route: Route, include_usage: bool, deadline: float,
-                disconnect: Disconnect, resources: contextlib.AsyncExitStack,
+                chat: bool, rid: str, created: int, route: Route, include_usage: bool, guard: RequestGuard,
+                resources: contextlib.AsyncExitStack,
                 done: Callable[[BackendChunk | None], None],
                 headers: dict[str, str]) -> EventStream:
         model = route.model
@@ -274,8 +272,8 @@ class Completions:
             return wire.sse(errors.Timeout("The request timed out.", code="timeout").body())
 
         events = self._events(request, stream, first, render, usage, done)
-        return EventStream(events, deadline=deadline, on_timeout=timed_out, disconnect=disconnect, final=wire.DONE,
-                           on_close=resources.aclose, headers={**SSE_HEADERS, **headers})
+        return EventStream(events, guard=guard, on_timeout=timed_out, final=wire.DONE, on_close=resources.aclose,
+                           headers={**SSE_HEADERS, **headers})
 
 
 @dataclasses.dataclass

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.app import create_app
+from gateway.backends import BackendRequest, Message, Sampling
 from gateway.protocol.responses import completion
 from gateway.streaming import ChunkTemplate
 
@@ -129,39 +130,51 @@ async def test_a_stream_is_one_send_per_token_and_ends_in_the_last(tmp_path, usa
         assert parse(events[1])["usage"]["completion_tokens"] == 6
 
 
+async def occupy(backend, request_id: str) -> None:
+    """Hold one batch slot of the null backend until cancelled."""
+    request = BackendRequest(request_id, Sampling(max_tokens=1000), messages=(Message("user", "Hi"),))
+    async for _ in backend.generate(request):
+        pass
+
+
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("phase", ["queued", "generating"])
-async def test_a_client_that_leaves_frees_its_slot_and_quota_at_once(tmp_path, stream, phase) -> None:
-    """One watcher serves every wait of a request: queued behind a full batch, waiting for the
-    first token, collecting a reply or streaming it."""
-    app = create_app(gateway_settings(tmp_path, null_tokens=1000, null_token_delay_s=0.05, max_num_seqs=1))
+@pytest.mark.parametrize("cause", ["disconnect", "deadline"])
+async def test_a_request_cut_short_frees_its_slot_and_quota_at_once(tmp_path, cause, stream, phase) -> None:
+    """One guard serves every wait of a request (queued behind a full batch, waiting for the
+    first token, collecting a reply or streaming it) for both ends: the client leaving and
+    request_timeout_s passing."""
+    timeout = 0.4 if cause == "deadline" else 60
+    app = create_app(gateway_settings(tmp_path, null_tokens=1000, null_token_delay_s=0.05, max_num_seqs=1,
+                                      request_timeout_s=timeout))
     backend = app.state.gateway.backend
     body = {"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "Hi"}], "stream": stream}
     async with app.router.lifespan_context(app):
-        blocker_gone = asyncio.Event()
-        blocker = asyncio.ensure_future(call_asgi(app, "/v1/chat/completions", {**body, "stream": True},
-                                                  blocker_gone))
-        while backend.capacity().free_sequence_slots:
+        blocker = asyncio.ensure_future(occupy(backend, "blocker")) if phase == "queued" else None
+        while phase == "queued" and backend.capacity().free_sequence_slots:
             await asyncio.sleep(0.01)
-        if phase == "generating":
-            blocker_gone.set()
-            await asyncio.wait_for(blocker, 5)
         gone = asyncio.Event()
+        t0 = time.monotonic()
         request = asyncio.ensure_future(call_asgi(app, "/v1/chat/completions", body, gone))
-        await asyncio.sleep(0.2)  # queued behind the blocker, or generating (first token after 50 ms)
+        await asyncio.sleep(0.2)  # queued behind the blocker, or generating (a token every 50 ms)
         assert not request.done()
         assert backend.capacity().queue_depth == (1 if phase == "queued" else 0)
-        gone.set()
-        t0 = time.monotonic()
+        if cause == "disconnect":
+            gone.set()
+            t0 = time.monotonic()
         sent = await asyncio.wait_for(request, 5)
-        assert time.monotonic() - t0 < 0.5
+        assert time.monotonic() - t0 < (0.3 if cause == "disconnect" else timeout + 0.3)
+        status = sent[0]["status"]
         if stream and phase == "generating":
-            assert sent[0]["status"] == 200  # it was streaming: the body just ends
+            assert status == 200  # it was streaming: the body ends, with an error event on timeout
+            if cause == "deadline":
+                last = sent[-1]["body"]
+                assert not sent[-1]["more_body"] and parse(last)["error"]["code"] == "timeout"
         else:
-            assert sent[0]["status"] == 499
-        if phase == "queued":
-            assert backend.capacity().queue_depth == 0
-            blocker_gone.set()
-            await asyncio.wait_for(blocker, 5)
+            assert status == (499 if cause == "disconnect" else 504)
+        assert backend.capacity().queue_depth == 0
+        if blocker is not None:
+            blocker.cancel()
+            await asyncio.gather(blocker, return_exceptions=True)
         assert backend.capacity().free_sequence_slots == 1
         assert app.state.gateway.quotas._inflight.get("default", 0) == 0  # the concurrency quota is back
