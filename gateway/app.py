@@ -97,9 +97,10 @@ class Gateway:
         self.keys = PROVIDERS[settings.key_provider](settings.data_dir)
         self.oidc = _oidc(settings)
         self.auth = Authenticator(self.store, self.keys.hashing_key(), admin_key=settings.admin_key, oidc=self.oidc,
-                                  cache_ttl_s=settings.auth_cache_ttl_s)
+                                  cache_ttl_s=settings.registry_cache_ttl_s)
         self.blobs = BlobStore(settings.data_dir / "blobs")
-        self.models = ModelTable(settings.model_name, int(time.time()), self.store)
+        self.models = ModelTable(settings.model_name, int(time.time()), self.store,
+                                 cache_ttl_s=settings.registry_cache_ttl_s)
         self.usage = UsageRecorder(self.store)
         self.auto = AutoRouter(self.store)
         self._quota_redis = redis_from_url(settings.quota_redis_url) if settings.quota_redis_url else None
@@ -129,7 +130,8 @@ class Gateway:
         self.cache = AdapterCache(source, cpu_budget_bytes=s.cpu_cache_mb << 20, tenant_share=s.tenant_cache_share,
                                   prepare=slots.prepare)
         self.cache.add_backend(self.backend.name, slots)
-        self.tenancy = Tenancy(self.store, self.auth, self.keys, self.blobs, self.cache, base, self.models.reserved())
+        self.tenancy = Tenancy(self.store, self.auth, self.keys, self.blobs, self.cache, base, self.models.reserved(),
+                               on_change=self._registry_changed)
         self.completions = Completions(self.backend, self.models, max_body_bytes=s.max_body_bytes,
                                        request_timeout_s=s.request_timeout_s, retry_after_s=s.retry_after_s,
                                        cache=self.cache, quotas=self.quotas, usage=self.usage, auto=self.auto)
@@ -140,6 +142,12 @@ class Gateway:
         self.boot = await self._bootstrap()
         self.usage.start()
         self.ready = True
+
+    def _registry_changed(self) -> None:
+        """A key was revoked, a tenant changed or went, or an adapter was deleted: what the
+        request path remembers from the registry is dropped, so the change applies at once."""
+        self.auth.forget()
+        self.models.forget()
 
     async def _load_local_adapters(self) -> None:
         from engine.peft_dir import load_peft_dir  # reads PEFT directories into plain tensors

@@ -6,10 +6,10 @@ HMAC-SHA256 under the gateway's hashing key (so a stolen database cannot be used
 guesses offline) and its first 12 characters to identify it in listings.
 
 An accepted key's principal is remembered for ``cache_ttl_s`` (keyed by the digest, never the
-key), so a busy key costs one HMAC per request instead of two store lookups. Revoking a key,
-changing a tenant or deleting one through this process forgets every remembered principal at
-once (``forget``); another replica sharing the store sees such a change within ``cache_ttl_s``.
-Refusals are never remembered.
+key; see ``remembered``), so a busy key costs one HMAC per request instead of two store
+lookups. Revoking a key, changing a tenant or deleting one through this process forgets every
+remembered principal at once (``forget``); another replica sharing the store sees such a
+change within ``cache_ttl_s``. Refusals are never remembered.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from .errors import AuthenticationFailed, PermissionDenied
 from .quotas import QuotaLimits
+from .remembered import Remembered
 from .store import ApiKeyRecord, Store, Tenant
 
 if TYPE_CHECKING:
@@ -32,7 +33,6 @@ if TYPE_CHECKING:
 
 KEY_PREFIX = "tsk-"
 PREFIX_CHARS = 12
-CACHE_ENTRIES = 10_000  # remembered principals; the table is emptied when full
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -65,10 +65,7 @@ class Authenticator:
         self._hashing_key = hashing_key
         self._admin_digest = self.digest(admin_key) if admin_key else None
         self.oidc = oidc
-        self.cache_ttl_s = cache_ttl_s
-        self._clock = clock
-        self._remembered: dict[str, tuple[float, Principal]] = {}  # digest -> (expiry, principal)
-        self._generation = 0  # bumped by forget: a lookup that overlapped a change is not remembered
+        self._remembered: Remembered[str, Principal] = Remembered(cache_ttl_s, clock)  # by digest
 
     def digest(self, key: str) -> str:
         return hmac.digest(self._hashing_key, key.encode("utf-8", "surrogatepass"), hashlib.sha256).hex()
@@ -76,7 +73,6 @@ class Authenticator:
     def forget(self) -> None:
         """Drop every remembered principal: a key was revoked or a tenant changed."""
         self._remembered.clear()
-        self._generation += 1
 
     async def authenticate(self, authorization: str | None) -> Principal:
         if not authorization:
@@ -94,16 +90,11 @@ class Authenticator:
         digest = self.digest(token)
         if self._admin_digest is not None and hmac.compare_digest(digest, self._admin_digest):
             return Principal(None, ("admin",), "bootstrap-admin")
-        now = self._clock()
-        remembered = self._remembered.get(digest)
-        if remembered is not None and remembered[0] > now:
-            return remembered[1]
-        generation = self._generation
-        principal = await self._from_store(digest)
-        if self.cache_ttl_s > 0 and generation == self._generation:
-            if len(self._remembered) >= CACHE_ENTRIES:
-                self._remembered.clear()
-            self._remembered[digest] = (now + self.cache_ttl_s, principal)
+        principal = self._remembered.get(digest)
+        if principal is None:
+            token = self._remembered.token()
+            principal = await self._from_store(digest)
+            self._remembered.put(digest, principal, token)
         return principal
 
     async def _from_store(self, digest: str) -> Principal:

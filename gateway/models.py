@@ -1,13 +1,20 @@
 """What a caller may name in ``model``: the base model (an adapter with the reserved id None),
 an adapter of the caller's own tenant, or an operator-configured development adapter. The
 name resolves to the backend's internal adapter key; callers never see or send those keys.
-Another tenant's adapter resolves exactly like a missing one (404)."""
+Another tenant's adapter resolves exactly like a missing one (404).
+
+A tenant adapter's route is remembered for ``cache_ttl_s`` (see ``remembered``), so a busy
+adapter costs no registry read per request; ``forget`` drops every remembered route (an
+adapter was deleted). Misses are never remembered, so a new upload is visible at once."""
 from __future__ import annotations
 
 import dataclasses
+import time
+from collections.abc import Callable
 
 from .auth import Principal
 from .errors import ModelNotFound
+from .remembered import Remembered
 from .store import Store
 
 
@@ -21,10 +28,15 @@ class Route:
 
 
 class ModelTable:
-    def __init__(self, base: str, created: int, store: Store | None = None, owner: str = "tensafe") -> None:
+    def __init__(self, base: str, created: int, store: Store | None = None, owner: str = "tensafe", *,
+                 cache_ttl_s: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.base = Route(base, None, owner, created)
         self.store = store
         self._local: dict[str, Route] = {}
+        self._remembered: Remembered[tuple[str, str], Route] = Remembered(cache_ttl_s, clock)  # (tenant, name)
+
+    def forget(self) -> None:
+        self._remembered.clear()
 
     def add_local(self, name: str, adapter_id: str, created: int, owner: str = "tensafe") -> None:
         """A development adapter loaded from a PEFT directory, visible to every caller."""
@@ -42,9 +54,16 @@ class ModelTable:
         if route is not None:
             return route
         if self.store is not None and principal.tenant is not None:
+            key = (principal.tenant, name)
+            route = self._remembered.get(key)
+            if route is not None:
+                return route
+            token = self._remembered.token()
             record = await self.store.get_adapter(principal.tenant, name)
             if record is not None:
-                return Route(name, record.key, principal.tenant, record.created, cached=True)
+                route = Route(name, record.key, principal.tenant, record.created, cached=True)
+                self._remembered.put(key, route, token)
+                return route
         raise ModelNotFound(name)
 
     async def visible(self, principal: Principal) -> list[Route]:

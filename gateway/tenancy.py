@@ -14,6 +14,7 @@ import hashlib
 import json
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 from adapters.base_model import BaseModelSpec
@@ -35,8 +36,10 @@ TENANT_SCOPES = ("tenant", "tenant-admin")
 
 class Tenancy:
     def __init__(self, store: Store, auth: Authenticator, keys: KeyProvider, blobs: BlobStore,
-                 cache: AdapterCache | None, base_model: BaseModelSpec | None, reserved_names: set[str]) -> None:
+                 cache: AdapterCache | None, base_model: BaseModelSpec | None, reserved_names: set[str],
+                 on_change: Callable[[], None] = lambda: None) -> None:
         self.store = store
+        self.changed = on_change  # after a change that remembered registry reads must not outlive
         self.auth = auth
         self.keys = keys
         self.blobs = blobs
@@ -80,14 +83,14 @@ class Tenancy:
         updated = Tenant(tenant.id, changes.get("name", tenant.name), tenant.created,
                          changes.get("suspended", tenant.suspended), changes.get("quotas", tenant.quotas))
         await self.store.update_tenant(updated)
-        self.auth.forget()  # suspension and quotas apply from the next request
+        self.changed()  # suspension and quotas apply from the next request
         await self.audit(actor, "tenant.update", tenant_id, **changes)
         return updated
 
     async def delete_tenant(self, actor: str, tenant_id: str) -> None:
         await self.tenant(tenant_id)
         removed = await self.store.delete_tenant(tenant_id)
-        self.auth.forget()
+        self.changed()
         for record in removed:
             await self._forget(record)
         await self.audit(actor, "tenant.delete", tenant_id, adapters=[r.name for r in removed])
@@ -112,7 +115,7 @@ class Tenancy:
             raise errors.NotFound(f"No API key '{key_id[:64]}'.", code="key_not_found")
         record = await self.store.revoke_api_key(key_id, int(time.time()))
         assert record is not None
-        self.auth.forget()
+        self.changed()
         await self.audit(actor, "key.revoke", key_id, tenant=record.tenant)
         return record
 
@@ -201,6 +204,7 @@ class Tenancy:
         return record
 
     async def _forget(self, record: AdapterRecord) -> None:
+        self.changed()
         if self.cache is not None:
             await self.cache.remove(record.key)
         self.blobs.delete(record.blob)

@@ -49,10 +49,10 @@ class World:
         r = await self.client.post("/v1/signing-keys", json=pems, headers=self.h(tenant))
         assert r.status_code == 201, r.text
 
-    def package(self, tenant: str, name: str, signer_of: str | None = None, seed: int = 0) -> bytes:
+    def package(self, tenant: str, name: str, signer_of: str | None = None, seed: int = 0, version: str = "1") -> bytes:
         src = write_peft_dir(self.tmp / f"src-{tenant}-{name}-{seed}", peft_config(4, ("q_proj",), alpha=8),
                              lora_tensors(SMOLLM2, 4, ("q_proj",), seed=seed))
-        return pack(src, tenant=tenant, name=name, version="1", base_model=BASE,
+        return pack(src, tenant=tenant, name=name, version=version, base_model=BASE,
                     signer=self.signers[signer_of or tenant], recipient=self.recipient)
 
     async def upload(self, who: str, data: bytes) -> httpx.Response:
@@ -218,6 +218,16 @@ async def test_adapter_delete_removes_every_tier(world):
     assert not world.gateway.blobs.path(blob).exists()
     r = await world.client.post(CHAT, json={"model": "a-bot", "messages": HELLO}, headers=world.h("a"))
     assert r.status_code == 404
+
+
+async def test_a_replaced_adapter_serves_its_new_version_at_once(world):
+    """The route remembered for a busy adapter is dropped when the adapter is deleted."""
+    r = await world.client.post(CHAT, json={"model": "a-bot", "messages": HELLO}, headers=world.h("a"))
+    assert r.status_code == 200 and world.gateway.backend.adapters() == ["a/a-bot@1"]
+    assert (await world.client.delete("/v1/adapters/a-bot", headers=world.h("a"))).status_code == 200
+    assert (await world.upload("a", world.package("a", "a-bot", seed=5, version="2"))).status_code == 201
+    r = await world.client.post(CHAT, json={"model": "a-bot", "messages": HELLO}, headers=world.h("a"))
+    assert r.status_code == 200 and world.gateway.backend.adapters() == ["a/a-bot@2"]
 
 
 async def test_tenant_deletion_cascades_and_is_audited(world):
