@@ -147,9 +147,8 @@ class ChunkTemplate:
     """One request's stream chunks: everything but the text and the finish reason is fixed."""
 
     def __init__(self, kind: str, rid: str, created: int, model: str, with_usage: bool) -> None:
-        head = json.dumps({"id": rid, "object": kind, "created": created, "model": model},
-                          ensure_ascii=False, separators=(",", ":"))[:-1]
-        self.head = "data: " + head + ',"choices":[{"index":0,'
+        self.head = ('data: {"id":' + _text(rid) + ',"object":' + _text(kind) + ',"created":' + str(int(created))
+                     + ',"model":' + _text(model) + ',"choices":[{"index":0,')
         self.tail = ',"usage":null}\n\n' if with_usage else "}\n\n"
 
     def chat(self, text: str, first: bool, finish_reason: str | None) -> bytes:
