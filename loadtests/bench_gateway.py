@@ -1,7 +1,7 @@
 """Gateway overhead: the same streaming workload on the null backend, called in-process and
 through the HTTP gateway (a real uvicorn process on 127.0.0.1).
 
-  python -m loadtests.bench_gateway [--requests 64] [--tokens 16] [--token-delay-ms 5] [--rounds 10]
+  python -m loadtests.bench_gateway [--requests 64] [--tokens 16] [--token-delay-ms 5] [--rounds 10] [--adapter]
 
 Each round starts ``--requests`` concurrent streaming chat completions of ``--tokens`` tokens.
 The HTTP client is a minimal asyncio HTTP/1.1 reader (no SDK parsing cost in the figure) that
@@ -32,12 +32,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
-from gateway.backends import BackendRequest, Message, Sampling
+from gateway.backends import BackendRequest, LoraConfig, Message, Sampling
 from gateway.backends.null import NullBackend
 
 MODEL = "smollm2-135m-instruct"
 KEY = "bench-key"
+DEMO_ADAPTER = "demo-support"
 
 
 def pct(values: list[float], q: float) -> float:
@@ -49,12 +51,13 @@ def summary(ttft: list[float], e2e: list[float]) -> dict[str, float]:
     return {"ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99), "e2e_p50": pct(e2e, 50), "e2e_p99": pct(e2e, 99)}
 
 
-async def direct_round(backend: NullBackend, n: int, tokens: int, rnd: int) -> tuple[list[float], list[float]]:
+async def direct_round(backend: NullBackend, n: int, tokens: int, rnd: int,
+                       adapter_id: str | None = None) -> tuple[list[float], list[float]]:
     async def one(i: int) -> tuple[float, float]:
         t0 = time.perf_counter()
         first = None
         req = BackendRequest(f"r{rnd}-{i}", Sampling(max_tokens=tokens, temperature=0),
-                             messages=(Message("user", "Tell me about the sea."),))
+                             messages=(Message("user", "Tell me about the sea."),), adapter_id=adapter_id)
         async for _ in backend.generate(req):
             if first is None:
                 first = time.perf_counter()
@@ -64,10 +67,10 @@ async def direct_round(backend: NullBackend, n: int, tokens: int, rnd: int) -> t
     return [r[0] for r in results], [r[1] for r in results]
 
 
-def request_bytes(port: int, tokens: int) -> bytes:
-    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Tell me about the sea."}],
+def request_bytes(port: int, tokens: int, model: str = MODEL, key: str = KEY) -> bytes:
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Tell me about the sea."}],
                        "max_tokens": tokens, "temperature": 0, "stream": True}).encode()
-    head = (f"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\nauthorization: Bearer {KEY}\r\n"
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\nauthorization: Bearer {key}\r\n"
             f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n")
     return head.encode() + body
 
@@ -111,8 +114,7 @@ class Connection:
         return (first - t0) * 1000, (end - t0) * 1000
 
 
-async def http_round(conns: list[Connection], tokens: int) -> tuple[list[float], list[float]]:
-    payload = request_bytes(conns[0].port, tokens)
+async def http_round(conns: list[Connection], payload: bytes) -> tuple[list[float], list[float]]:
     results = await asyncio.gather(*(c.stream(payload) for c in conns))
     return [r[0] for r in results], [r[1] for r in results]
 
@@ -141,6 +143,8 @@ def start_gateway(args: argparse.Namespace, data_dir: str) -> tuple[subprocess.P
     cmd = [sys.executable, "-m", "gateway.cli", "serve", "--backend", "null", "--port", str(port), "--api-key", KEY,
            "--null-tokens", str(args.tokens), "--null-token-delay-s", str(args.token_delay_ms / 1000),
            "--max-num-seqs", str(args.requests), "--log-level", args.log_level, "--data-dir", data_dir]
+    if args.adapter:
+        cmd.append("--dev")
     return start_server(cmd, port), port
 
 
@@ -153,17 +157,18 @@ def start_floor(args: argparse.Namespace) -> tuple[subprocess.Popen, int]:
     return start_server(cmd, port, env), port
 
 
-async def measure(ports: dict[str, int], args: argparse.Namespace) -> dict[str, tuple[list[float], list[float]]]:
-    """Rounds of concurrent streams against each server, alternating servers round by round so
-    that both meet the same machine conditions."""
-    conns = {name: [Connection(port) for _ in range(args.requests)] for name, port in ports.items()}
-    out: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in ports}
+async def measure(servers: dict[str, tuple[int, bytes]],
+                  args: argparse.Namespace) -> dict[str, tuple[list[float], list[float]]]:
+    """Rounds of concurrent streams against each server (port, request), alternating servers
+    round by round so that both meet the same machine conditions."""
+    conns = {name: [Connection(port) for _ in range(args.requests)] for name, (port, _) in servers.items()}
+    out: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in servers}
     try:
-        for name in ports:
-            await http_round(conns[name], args.tokens)  # warm-up: opens the connections
+        for name, (_, payload) in servers.items():
+            await http_round(conns[name], payload)  # warm-up: opens the connections
         for _ in range(args.rounds):
-            for name in ports:
-                t, e = await http_round(conns[name], args.tokens)
+            for name, (_, payload) in servers.items():
+                t, e = await http_round(conns[name], payload)
                 out[name][0].extend(t)
                 out[name][1].extend(e)
     finally:
@@ -180,11 +185,15 @@ async def main_async(args: argparse.Namespace) -> dict:
     backend = NullBackend(model=MODEL, tokens=args.tokens, token_delay_s=args.token_delay_ms / 1000,
                           max_num_seqs=args.requests)
     await backend.start()
+    adapter_id = None
+    if args.adapter:
+        adapter_id = "bench-adapter"
+        await backend.load_adapter(adapter_id, {}, LoraConfig(4, 8.0, ("q_proj", "v_proj")))
     d_ttft: list[float] = []
     d_e2e: list[float] = []
-    await direct_round(backend, args.requests, args.tokens, -1)  # warm-up
+    await direct_round(backend, args.requests, args.tokens, -1, adapter_id)  # warm-up
     for rnd in range(args.rounds):
-        t, e = await direct_round(backend, args.requests, args.tokens, rnd)
+        t, e = await direct_round(backend, args.requests, args.tokens, rnd, adapter_id)
         d_ttft += t
         d_e2e += e
     data_dir = tempfile.TemporaryDirectory(prefix="tensafe-bench-")
@@ -194,10 +203,16 @@ async def main_async(args: argparse.Namespace) -> dict:
         procs.append(gw_proc)
         floor_proc, floor_port = start_floor(args)
         procs.append(floor_proc)
+        if args.adapter:  # the demo tenant's key and adapter (development mode)
+            gw_payload = request_bytes(gw_port, args.tokens, DEMO_ADAPTER,
+                                       (Path(data_dir.name) / "demo-api-key").read_text().strip())
+        else:
+            gw_payload = request_bytes(gw_port, args.tokens)
+        servers = {"gateway": (gw_port, gw_payload), "floor": (floor_port, request_bytes(floor_port, args.tokens))}
         gc.collect()
-        results = await measure({"gateway": gw_port, "floor": floor_port}, args)
+        results = await measure(servers, args)
         gc.collect()
-        single = await single_requests(backend, {"gateway": gw_port, "floor": floor_port}, args.tokens, 50)
+        single = await single_requests(backend, servers, args.tokens, 50, adapter_id)
     finally:
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
@@ -209,6 +224,7 @@ async def main_async(args: argparse.Namespace) -> dict:
     added = {k: round(gateway[k] - direct[k], 3) for k in direct}
     return {
         "bench": "gateway_overhead", "requests": args.requests, "tokens": args.tokens,
+        "model": DEMO_ADAPTER if args.adapter else MODEL,
         "token_delay_ms": args.token_delay_ms, "rounds": args.rounds, "added_ms": added,
         "floor_added_ms": {k: round(floor[k] - direct[k], 3) for k in direct},
         "added_ms_one_at_a_time": single["gateway"], "floor_added_ms_one_at_a_time": single["floor"],
@@ -219,20 +235,20 @@ async def main_async(args: argparse.Namespace) -> dict:
     }
 
 
-async def single_requests(backend: NullBackend, ports: dict[str, int], tokens: int,
-                          n: int) -> dict[str, dict[str, float]]:
+async def single_requests(backend: NullBackend, servers: dict[str, tuple[int, bytes]], tokens: int, n: int,
+                          adapter_id: str | None) -> dict[str, dict[str, float]]:
     """One request at a time, alternating direct and each server: the per-request cost without
     queueing behind a burst (added ms per server)."""
-    conns = {name: Connection(port) for name, port in ports.items()}
+    conns = {name: Connection(port) for name, (port, _) in servers.items()}
     direct: tuple[list[float], list[float]] = ([], [])
-    served: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in ports}
+    served: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in servers}
     try:
         for i in range(n):
-            t, e = await direct_round(backend, 1, tokens, 1000 + i)
+            t, e = await direct_round(backend, 1, tokens, 1000 + i, adapter_id)
             direct[0].extend(t)
             direct[1].extend(e)
             for name, conn in conns.items():
-                t, e = await http_round([conn], tokens)
+                t, e = await http_round([conn], servers[name][1])
                 served[name][0].extend(t)
                 served[name][1].extend(e)
     finally:
@@ -249,6 +265,9 @@ def main() -> None:
     ap.add_argument("--token-delay-ms", type=float, default=5.0, help="null backend's time per token")
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--log-level", default="warning", help="the gateway's; info writes the access log")
+    ap.add_argument("--adapter", action="store_true",
+                    help=f"request a tenant adapter ({DEMO_ADAPTER}, the development demo tenant's) instead of the base "
+                         "model: adds route resolution and the cache lease (needs the model prepared for its config)")
     try:
         import uvloop
     except ImportError:
