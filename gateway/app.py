@@ -295,9 +295,11 @@ def _oidc(settings: Settings) -> "OidcVerifier | None":
 
 
 def create_app(settings: Settings, backend: Backend | None = None,
-               on_ready: Callable[[Gateway], None] | None = None) -> Starlette:
+               on_ready: Callable[[Gateway], None] | None = None,
+               on_stopped: Callable[[], None] | None = None) -> Starlette:
     """The ASGI app. ``backend`` defaults to the one named in settings; ``on_ready`` runs once
-    the model is loaded and the bootstrap is done (the development banner)."""
+    the model is loaded and the bootstrap is done (the development banner), ``on_stopped``
+    once everything is shut down (the last log records are flushed)."""
     gateway = Gateway(settings, backend or create_backend(settings))
 
     @contextlib.asynccontextmanager
@@ -308,7 +310,11 @@ def create_app(settings: Settings, backend: Backend | None = None,
         try:
             yield
         finally:
-            await gateway.stop()
+            try:
+                await gateway.stop()
+            finally:
+                if on_stopped is not None:
+                    on_stopped()
 
     app = Starlette(
         routes=gateway.routes(), lifespan=lifespan,

@@ -44,6 +44,13 @@ def configure_logging(level: str) -> QueueListener:
 def run(settings: Settings, on_ready: Callable[[Gateway], None] | None = None) -> None:
     listener = configure_logging(settings.log_level)
     listener.start()
+    running = [True]
+
+    def flush_logs() -> None:
+        # Before uvicorn re-raises a caught SIGTERM, which ends the process on the spot.
+        if running[0]:
+            running[0] = False
+            listener.stop()
 
     def ready(gateway: Gateway) -> None:
         # Everything alive now (modules, model, tables) lives as long as the process: moved out
@@ -52,7 +59,7 @@ def run(settings: Settings, on_ready: Callable[[Gateway], None] | None = None) -
         if on_ready is not None:
             on_ready(gateway)
 
-    app = create_app(settings, on_ready=ready)
+    app = create_app(settings, on_ready=ready, on_stopped=flush_logs)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False,
         timeout_graceful_shutdown=int(settings.drain_timeout_s), lifespan="on",
@@ -60,4 +67,4 @@ def run(settings: Settings, on_ready: Callable[[Gateway], None] | None = None) -
     try:
         uvicorn.Server(config).run()
     finally:
-        listener.stop()
+        flush_logs()

@@ -114,7 +114,7 @@ def test_dev_mode_bootstraps_a_demo_tenant_and_prints_an_example(tmp_path, check
 
 def test_sigterm_drains_in_flight_streams(tmp_path):
     proc = Proc(tmp_path, "--backend", "null", "--null-token-delay-s", "0.05", "--null-tokens", "100",
-                "--api-key", "k", "--drain-timeout-s", "20")
+                "--api-key", "k", "--drain-timeout-s", "20", "--log-level", "info")
     body = {"model": BASE, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 30, "stream": True}
     try:
         with httpx.Client(base_url=proc.url, headers={"authorization": "Bearer k"}, timeout=30) as http:
@@ -133,6 +133,9 @@ def test_sigterm_drains_in_flight_streams(tmp_path):
     assert rest[-1] == "data: [DONE]"
     assert json.loads(rest[-2].removeprefix("data: "))["choices"][0]["finish_reason"] == "length"
     assert proc.wait() == 0
+    # the drained stream's access record, written just before the exit, is not lost
+    access = [json.loads(line) for line in proc.stderr if line.startswith("{")]
+    assert any(r["path"] == "/v1/chat/completions" and r.get("completion_tokens") == 30 for r in access)
 
 
 def test_bad_setting_is_a_clear_error(tmp_path):
