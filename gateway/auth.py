@@ -7,7 +7,7 @@ guesses offline) and its first 12 characters to identify it in listings.
 
 An accepted key's principal is remembered for ``cache_ttl_s`` (keyed by the digest, never the
 key; see ``remembered``), so a busy key costs one HMAC per request instead of two store
-lookups. Revoking a key, changing a tenant or deleting one through this process forgets every
+lookups; so is a verified OIDC token's, but never past the token's expiry. Revoking a key, changing a tenant or deleting one through this process forgets every
 remembered principal at once (``forget``); another replica sharing the store sees such a
 change within ``cache_ttl_s``. Refusals are never remembered.
 """
@@ -82,19 +82,25 @@ class Authenticator:
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
             raise AuthenticationFailed("Malformed Authorization header: expected 'Bearer <key>'.")
-        if self.oidc is not None and not token.startswith(KEY_PREFIX) and self.oidc.looks_like_jwt(token):
-            identity = await self.oidc.verify(token)
-            tenant = await self._active_tenant(identity.tenant)
-            return Principal(identity.tenant, identity.scopes, f"oidc:{identity.subject}",
-                             QuotaLimits.from_dict(tenant.quotas))
+        oidc = self.oidc
+        if oidc is not None and (token.startswith(KEY_PREFIX) or not oidc.looks_like_jwt(token)):
+            oidc = None  # an API key
         digest = self.digest(token)
-        if self._admin_digest is not None and hmac.compare_digest(digest, self._admin_digest):
+        if oidc is None and self._admin_digest is not None and hmac.compare_digest(digest, self._admin_digest):
             return Principal(None, ("admin",), "bootstrap-admin")
         principal = self._remembered.get(digest)
-        if principal is None:
-            token = self._remembered.token()
+        if principal is not None:
+            return principal
+        generation = self._remembered.token()
+        if oidc is not None:  # a JWT is remembered no longer than it is valid
+            identity = await oidc.verify(token)
+            tenant = await self._active_tenant(identity.tenant)
+            principal = Principal(identity.tenant, identity.scopes, f"oidc:{identity.subject}",
+                                  QuotaLimits.from_dict(tenant.quotas))
+            self._remembered.put(digest, principal, generation, ttl_s=oidc.seconds_left(identity))
+        else:
             principal = await self._from_store(digest)
-            self._remembered.put(digest, principal, token)
+            self._remembered.put(digest, principal, generation)
         return principal
 
     async def _from_store(self, digest: str) -> Principal:

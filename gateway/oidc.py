@@ -159,6 +159,10 @@ class OidcVerifier:
             raise _fail("bad signature")
         return self._identity(obj.payload)
 
+    def seconds_left(self, identity: OidcIdentity) -> float:
+        """How long the identity's token is still valid by this verifier's clock (no leeway)."""
+        return identity.expires_at - self._clock()
+
     def _identity(self, payload: bytes | None) -> OidcIdentity:
         try:
             claims = json.loads(payload or b"")

@@ -37,12 +37,14 @@ class Remembered(Generic[K, V]):
     def token(self) -> int:
         return self._generation
 
-    def put(self, key: K, value: V, token: int) -> None:
-        if self.ttl_s <= 0 or token != self._generation:
+    def put(self, key: K, value: V, token: int, ttl_s: float | None = None) -> None:
+        """Remember ``value`` for ``ttl_s`` (at most the table's) unless a clear came after ``token``."""
+        ttl = self.ttl_s if ttl_s is None else min(self.ttl_s, ttl_s)
+        if ttl <= 0 or token != self._generation:
             return
         if len(self._entries) >= self.max_entries:
             self._entries.clear()
-        self._entries[key] = (self._clock() + self.ttl_s, value)
+        self._entries[key] = (self._clock() + ttl, value)
 
     def clear(self) -> None:
         self._entries.clear()

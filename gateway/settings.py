@@ -43,9 +43,10 @@ class Settings:
     #: the bootstrap operator credential (scope admin); generated into data_dir/admin-api-key
     #: (0600) on first start when unset
     admin_key: str | None = dataclasses.field(default=None, repr=False)
-    #: how long registry reads on the request path are remembered (an accepted API key's
-    #: principal, a tenant adapter's route); changes made through another replica (revocation,
-    #: suspension, deletion) apply within this time. 0: read the registry on every request
+    #: how long registry reads on the request path are remembered (an accepted API key's or
+    #: OIDC token's principal, never past the token's expiry; a tenant adapter's route); changes
+    #: made through another replica (revocation, suspension, deletion) apply within this time.
+    #: 0: read the registry on every request
     registry_cache_ttl_s: float = 1.0
     # tenancy
     store_url: str = ""  # sqlite:///path or redis://host:port/db; default sqlite in data_dir

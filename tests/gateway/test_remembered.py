@@ -124,3 +124,24 @@ async def test_an_adapter_route_is_remembered_until_it_expires(store):
         await models.resolve("bot", principal)
     with pytest.raises(ModelNotFound):  # another tenant never sees it
         await models.resolve("bot", Principal("other", ("tenant",), "k2"))
+
+
+async def test_a_verified_jwt_is_remembered_but_never_past_its_expiry(store):
+    from tests.gateway.test_oidc import NOW, Keys, sign, verifier
+    from tests.gateway.test_oidc import Clock as WallClock
+
+    wall, mono = WallClock(NOW), Clock()
+    auth = Authenticator(store, b"k" * 32, oidc=verifier(Keys.rsa, clock=wall), cache_ttl_s=60.0, clock=mono)
+    token = sign(Keys.rsa, exp=NOW + 10, tenant="acme")
+    principal = await bearer(auth, token)
+    assert (principal.tenant, principal.subject) == ("acme", "oidc:user-1")
+    assert auth._remembered.keys() == [auth.digest(token)]  # by digest, as API keys
+    tenant = await store.get_tenant("acme")
+    await store.update_tenant(dataclasses.replace(tenant, suspended=True))  # by another replica
+    wall.advance(9)
+    mono.now += 9
+    assert (await bearer(auth, token)) == principal  # remembered: no signature check, no tenant read
+    wall.advance(2)
+    mono.now += 2  # past exp (within the verifier's leeway): verified again, and the suspension shows
+    with pytest.raises(PermissionDenied):
+        await bearer(auth, token)
