@@ -1,4 +1,6 @@
-"""SSE chunks rendered from templates are exactly the JSON OpenAI defines, whatever the text."""
+"""Streaming: SSE chunks rendered from templates are exactly the JSON OpenAI defines, whatever
+the text; a stream is one send per token; a request cut short by its client or its deadline,
+in any phase, frees its batch slot and quota at once; requests leave no garbage cycles."""
 from __future__ import annotations
 
 import asyncio
