@@ -195,15 +195,11 @@ class Engine:
 
     @contextlib.contextmanager
     def _loading(self, adapter_id: str, stacked: StackedLora) -> Iterator[concurrent.futures.Future]:
-        """Reserve a slot and queue the copy; the block waits for it. The adapter is usable once
-        the block ends; if it raises (the copy failed, the caller gave up) the slot is given back."""
-        slot = self.lora.reserve(adapter_id)
-        try:
+        """Reserve a slot and queue the copy on the step thread; the block waits for it. The
+        adapter is usable once the block ends; if it raises (the copy failed, the caller gave up)
+        the slot is given back."""
+        with self.lora.loading(adapter_id, stacked) as slot:
             yield self._on_step_thread(functools.partial(self.lora.write, slot, stacked))
-        except BaseException:
-            self.lora.abandon(adapter_id)
-            raise
-        self.lora.commit(adapter_id, stacked)
 
     def _on_step_thread(self, fn: Callable[[], None]) -> concurrent.futures.Future:
         """Run ``fn`` on the step thread, between two steps. Torch's parallel ops on another

@@ -19,11 +19,12 @@ each adapter's weights are read once per step (not once per row, as a per-row ga
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import re
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
@@ -229,14 +230,22 @@ class LoraSlots:
     def load(self, adapter_id: str, tensors: Mapping[str, torch.Tensor], config: AdapterConfig) -> int:
         """Prepare (if needed) and copy an adapter into a free slot, on the calling thread."""
         stacked = self.prepare(adapter_id, tensors, config)
+        with self.loading(adapter_id, stacked) as slot:
+            self.write(slot, stacked)
+        return slot
+
+    @contextlib.contextmanager
+    def loading(self, adapter_id: str, stacked: StackedLora) -> Iterator[int]:
+        """Reserve a slot for the block, which writes ``stacked`` into it (``write``, on
+        whichever thread). Requests can use the adapter once the block ends; if the block
+        raises, the slot is given back."""
         slot = self.reserve(adapter_id)
         try:
-            self.write(slot, stacked)
+            yield slot
         except BaseException:
             self.abandon(adapter_id)
             raise
         self.commit(adapter_id, stacked)
-        return slot
 
     def reserve(self, adapter_id: str) -> int:
         """Claim a free slot for ``adapter_id``; requests cannot use it before ``commit``."""
