@@ -12,7 +12,6 @@ Prints one JSON line with, at the top level:
 from __future__ import annotations
 
 import argparse
-import gc
 import asyncio
 import json
 import random
@@ -35,6 +34,7 @@ from engine.config import DEFAULT_MODEL, default_cache_dir
 from engine.model.checkpoint import resolve_checkpoint
 from gateway.backends.embedded import EmbeddedBackend
 from gateway.residency import BackendSlots
+from gateway.server import settle_gc
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -129,7 +129,7 @@ async def main_async(args: argparse.Namespace) -> dict:
         counts = await asyncio.gather(*(one(i, k) for i, k in enumerate(keys)))
         return sum(counts) / (time.perf_counter() - t0)
 
-    gc.freeze()  # as the gateway does once it is ready (gateway/server.py)
+    settle_gc()  # as the gateway does once it is ready
     await stream(["z0"] * 32)  # warm-up
     single = await stream(["z0"] * args.requests)
     zipf = await stream(zipf_keys)
