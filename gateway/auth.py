@@ -7,9 +7,10 @@ guesses offline) and its first 12 characters to identify it in listings.
 
 An accepted key's principal is remembered for ``cache_ttl_s`` (keyed by the digest, never the
 key; see ``remembered``), so a busy key costs one HMAC per request instead of two store
-lookups; so is a verified OIDC token's, but never past the token's expiry. Revoking a key, changing a tenant or deleting one through this process forgets every
-remembered principal at once (``forget``); another replica sharing the store sees such a
-change within ``cache_ttl_s``. Refusals are never remembered.
+lookups; so is a verified OIDC token's, but never past the token's expiry. Revoking a key,
+changing a tenant or deleting one through this process forgets every remembered principal at
+once (``forget``); another replica sharing the store sees such a change within
+``cache_ttl_s``. Refusals are never remembered.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING
 from .errors import AuthenticationFailed, PermissionDenied
 from .quotas import QuotaLimits
 from .remembered import Remembered
-from .store import ApiKeyRecord, Store, Tenant
+from .store import ApiKeyRecord, Store
 
 if TYPE_CHECKING:
     from .oidc import OidcVerifier
@@ -94,9 +95,7 @@ class Authenticator:
         generation = self._remembered.token()
         if oidc is not None:  # a JWT is remembered no longer than it is valid
             identity = await oidc.verify(token)
-            tenant = await self._active_tenant(identity.tenant)
-            principal = Principal(identity.tenant, identity.scopes, f"oidc:{identity.subject}",
-                                  QuotaLimits.from_dict(tenant.quotas))
+            principal = await self._tenant_principal(identity.tenant, identity.scopes, f"oidc:{identity.subject}")
             self._remembered.put(digest, principal, generation, ttl_s=oidc.seconds_left(identity))
         else:
             principal = await self._from_store(digest)
@@ -109,16 +108,16 @@ class Authenticator:
             raise AuthenticationFailed("Incorrect API key provided.")
         if record.tenant is None:
             return Principal(None, record.scopes, record.id)
-        tenant = await self._active_tenant(record.tenant)
-        return Principal(record.tenant, record.scopes, record.id, QuotaLimits.from_dict(tenant.quotas))
+        return await self._tenant_principal(record.tenant, record.scopes, record.id)
 
-    async def _active_tenant(self, tenant_id: str) -> Tenant:
+    async def _tenant_principal(self, tenant_id: str, scopes: tuple[str, ...], subject: str) -> Principal:
+        """A tenant's caller, with the tenant's quotas; refused when the tenant is gone or suspended."""
         tenant = await self.store.get_tenant(tenant_id)
         if tenant is None:
             raise AuthenticationFailed("Incorrect API key provided.")
         if tenant.suspended:
             raise PermissionDenied("This tenant is suspended.", code="tenant_suspended")
-        return tenant
+        return Principal(tenant_id, scopes, subject, QuotaLimits.from_dict(tenant.quotas))
 
     async def issue(self, tenant: str | None, scopes: tuple[str, ...], name: str,
                     key: str | None = None) -> tuple[str, ApiKeyRecord]:

@@ -199,12 +199,12 @@ class Tenancy:
         record = await self.store.delete_adapter(tenant_id, name)
         if record is None:
             raise errors.NotFound(f"No adapter '{name[:64]}'.", code="adapter_not_found")
+        self.changed()
         await self._forget(record)
         await self.audit(actor, "adapter.delete", f"{tenant_id}/{name}", version=record.version)
         return record
 
     async def _forget(self, record: AdapterRecord) -> None:
-        self.changed()
         if self.cache is not None:
             await self.cache.remove(record.key)
         self.blobs.delete(record.blob)
