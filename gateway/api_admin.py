@@ -6,11 +6,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from cache import AdapterCache, CacheError
 
 from . import errors
+from .jsonresponse import JSONResponse
 from .auth import Principal
 from .bodies import read_object, scopes_field
 from .quotas import QuotaLimits
@@ -21,6 +22,7 @@ from .views import (adapter_view, audit_view, key_view, page, page_params, signi
                     usage_view)
 
 Authenticate = Callable[[Request], Awaitable[Principal]]
+MAX_SEQ = 2**63 - 1  # audit sequence numbers are signed 64-bit in every store
 
 
 def _quotas(value: Any) -> dict[str, Any]:
@@ -161,6 +163,9 @@ class AdminApi:
         except ValueError:
             raise errors.InvalidRequest("Invalid 'after': expected a sequence number.", param="after",
                                         code="invalid_type") from None
+        if not 0 <= after_seq <= MAX_SEQ:
+            raise errors.InvalidRequest(f"Invalid 'after': a sequence number from 0 to {MAX_SEQ}.", param="after",
+                                        code="invalid_value")
         items = await self.tenancy.store.list_audit(after_seq, limit + 1)
         return JSONResponse(page(items, limit, audit_view, lambda e: str(e.seq)))
 

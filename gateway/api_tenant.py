@@ -7,11 +7,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from adapters.keys import recipient_key_entry
 
 from . import errors
+from .jsonresponse import JSONResponse
 from .auth import Principal
 from router import ExpertTable
 

@@ -14,7 +14,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 from redis.asyncio import from_url as redis_from_url
 
@@ -23,6 +23,7 @@ from cache import AdapterCache
 from cache.tssp import TsspSource
 
 from . import errors
+from .jsonresponse import JSONResponse
 from .api_admin import AdminApi
 from .api_tenant import TenantApi
 from .auth import Authenticator, Principal

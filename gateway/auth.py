@@ -117,7 +117,7 @@ class Authenticator:
             raise AuthenticationFailed("Incorrect API key provided.")
         if tenant.suspended:
             raise PermissionDenied("This tenant is suspended.", code="tenant_suspended")
-        return Principal(tenant_id, scopes, subject, QuotaLimits.from_dict(tenant.quotas))
+        return Principal(tenant_id, scopes, subject, QuotaLimits.stored(tenant.quotas))
 
     async def issue(self, tenant: str | None, scopes: tuple[str, ...], name: str,
                     key: str | None = None) -> tuple[str, ApiKeyRecord]:

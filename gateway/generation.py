@@ -18,11 +18,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from cache import AdapterCache, CacheError, UnknownAdapter
 
 from . import errors
+from .jsonresponse import JSONResponse
 from .auth import Principal
 from .backends import errors as backend_errors
 from .backends.base import Backend, BackendChunk, BackendRequest, Message, Sampling
@@ -105,7 +106,7 @@ class Completions:
         if params.model == AUTO and self.auto is not None:
             route = await self._auto_route(request, principal, inputs)
             if state.expert:
-                headers["x-tensafe-expert"] = state.expert
+                headers["x-tensafe-expert"] = wire.header_text(state.expert)
             if route.cached and self.cache is not None and not self.cache.resident(route.adapter_id,
                                                                                   self.backend.name):
                 self.cache.prefetch(route.adapter_id, self.backend.name)  # load while quotas are checked
@@ -154,7 +155,7 @@ class Completions:
             raise
         state.ttft_ms = round((time.perf_counter() - started) * 1000, 3)
         if route.adapter_id:
-            headers["x-tensafe-adapter"] = route.model
+            headers["x-tensafe-adapter"] = wire.header_text(route.model)
         created = int(time.time())
         chat = isinstance(params, ChatRequest)
         done = functools.partial(self._account, state, principal, route, tally)

@@ -39,6 +39,8 @@ import redis.asyncio as aioredis
 
 from .errors import RateLimited
 
+#: the largest quota: buckets are floats (here and in Redis's Lua), exact up to 2**53
+MAX_QUOTA = 2**53
 _EPSILON = 1e-9  # float slack, so that refilling in steps reaches whole numbers
 _BUCKET_IDLE_MS = 61_000  # a bucket left alone for a minute is full again, as if absent
 
@@ -57,11 +59,21 @@ class QuotaLimits:
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if value is not None and (type(value) is not int or value < 0):
-                raise ValueError(f"quota {field.name} must be a non-negative integer or null, not {value!r}")
+            if value is not None and (type(value) is not int or not 0 <= value <= MAX_QUOTA):
+                shown = repr(value) if len(repr(value)) <= 24 else repr(value)[:12] + "..."
+                raise ValueError(f"quota {field.name} must be an integer from 0 to {MAX_QUOTA} or null, not {shown}")
 
     def to_dict(self) -> dict[str, int | None]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def stored(cls, d: dict[str, Any]) -> QuotaLimits:
+        """Limits read back from the registry, never refused: a record written before a check
+        existed must not fail every request of its tenant. A number above MAX_QUOTA counts as
+        MAX_QUOTA; anything else out of place (an unknown name, a wrong type) is ignored."""
+        names = {field.name for field in dataclasses.fields(cls)}
+        return cls(**{k: min(v, MAX_QUOTA) for k, v in d.items()
+                      if k in names and type(v) is int and v >= 0})
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QuotaLimits:

@@ -14,6 +14,7 @@ from typing import Any
 
 from ..errors import InvalidRequest
 
+INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_STOP = 4
 
@@ -59,23 +60,37 @@ def _wrong(param: str, expected: str, value: Any) -> InvalidRequest:
                           param=param, code="invalid_type")
 
 
-def _int(body: Mapping, name: str, *, low: int | None = None) -> int | None:
+def _int(body: Mapping, name: str, *, low: int = INT64_MIN, high: int = INT64_MAX) -> int | None:
+    """An integer parameter within [low, high]: OpenAI's integers are signed 64-bit."""
     value = body.get(name)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
         raise _wrong(name, "an integer", value)
-    if low is not None and value < low:
-        raise InvalidRequest(f"Invalid '{name}': {value} is below the minimum of {low}.", param=name,
+    if value < low:
+        raise InvalidRequest(f"Invalid '{name}': {_shown(value)} is below the minimum of {low}.", param=name,
+                             code="invalid_value")
+    if value > high:
+        raise InvalidRequest(f"Invalid '{name}': {_shown(value)} is above the maximum of {high}.", param=name,
                              code="invalid_value")
     return value
+
+
+def _shown(value: int) -> str:
+    text = str(value)
+    return text if len(text) <= 24 else f"{text[:12]}... ({len(text)} characters)"
 
 
 def _number(body: Mapping, name: str, default: float, low: float, high: float, *, low_open: bool = False) -> float:
     value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _wrong(name, "a number", value)
+    if isinstance(value, int) and not -1e300 < value < 1e300:  # beyond a float: out of range, not an overflow
+        raise InvalidRequest(f"Invalid '{name}': {_shown(value)} must be at most {high}.", param=name,
+                             code="invalid_value")
+    if not math.isfinite(value):
         raise _wrong(name, "a number", value)
     if value > high or value < low or (low_open and value == low):
         bound = f"greater than {low}" if low_open else f"at least {low}"

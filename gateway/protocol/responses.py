@@ -3,11 +3,24 @@ OpenAI's published schemas in the tests)."""
 from __future__ import annotations
 
 import json
+import urllib.parse
 from typing import Any
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 DONE = b"data: [DONE]\n\n"
+#: printable ASCII that may stand in a header value as it is ("%" is left out, so decoding
+#: with urllib.parse.unquote always gives the name back)
+_HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7f) if chr(c) not in "%")
+
+
+def header_text(name: str) -> str:
+    """A tenant-chosen name as an HTTP header value (``x-tensafe-expert``): unchanged when it is
+    printable ASCII without "%", otherwise its UTF-8 percent-encoded, so no name (non-Latin-1,
+    CR, LF, NUL) can break the response or split a header."""
+    if name.isascii() and name.isprintable() and "%" not in name:
+        return name
+    return urllib.parse.quote(name.encode("utf-8", "replace"), safe=_HEADER_SAFE)
 
 
 def sse(payload: dict[str, Any]) -> bytes:
