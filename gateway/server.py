@@ -9,10 +9,12 @@ import queue
 import sys
 from collections.abc import Callable
 from logging.handlers import QueueHandler, QueueListener
+from typing import Any
 
 import uvicorn
 
 from .app import Gateway, create_app
+from .http_protocol import GatewayHttpProtocol
 from .settings import Settings
 
 
@@ -55,6 +57,24 @@ def configure_logging(level: str) -> QueueListener:
     return listener
 
 
+def uvicorn_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Config:
+    """uvicorn's configuration for the gateway: our HTTP protocol with the settings' connection
+    limits (gateway/http_protocol.py), uvicorn's own access log off (the gateway writes its own)
+    and the lifespan on (it starts and stops the backend). ``overrides`` are further
+    ``uvicorn.Config`` arguments, replacing these."""
+    protocol = GatewayHttpProtocol.configured(header_timeout_s=settings.header_timeout_s,
+                                              max_header_bytes=settings.max_header_bytes,
+                                              retry_after_s=settings.retry_after_s)
+    options: dict[str, Any] = {
+        "host": settings.host, "port": settings.port, "log_level": settings.log_level, "access_log": False,
+        "timeout_graceful_shutdown": int(settings.drain_timeout_s), "lifespan": "on", "http": protocol,
+        "limit_concurrency": settings.max_connections, "timeout_keep_alive": settings.keep_alive_timeout_s,
+        # for anyone passing http="h11": its bound on an incomplete request's headers
+        "h11_max_incomplete_event_size": settings.max_header_bytes,
+    }
+    return uvicorn.Config(app, **{**options, **overrides})
+
+
 def run(settings: Settings, on_ready: Callable[[Gateway], None] | None = None) -> None:
     listener = configure_logging(settings.log_level)
     listener.start()
@@ -72,11 +92,7 @@ def run(settings: Settings, on_ready: Callable[[Gateway], None] | None = None) -
             on_ready(gateway)
 
     app = create_app(settings, on_ready=ready, on_stopped=flush_logs)
-    config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False,
-        timeout_graceful_shutdown=int(settings.drain_timeout_s), lifespan="on",
-    )
     try:
-        uvicorn.Server(config).run()
+        uvicorn.Server(uvicorn_config(app, settings)).run()
     finally:
         flush_logs()

@@ -31,6 +31,15 @@ class Settings:
     data_dir: Path = Path(".data")
     log_level: str = "info"
     access_log: bool = True
+    # connections (gateway/http_protocol.py)
+    header_timeout_s: float = 10.0  # time allowed to receive a request's complete headers; then 408
+    max_header_bytes: int = 32768  # a request's header block; larger gets 431
+    #: open connections or in-flight requests at which a new request gets 503 (uvicorn's
+    #: limit_concurrency); the process needs more file descriptors than this (ulimit -n)
+    max_connections: int = 2048
+    #: how long an idle keep-alive connection stays open; set it above a load balancer's idle
+    #: timeout, so the balancer never reuses a connection the gateway is closing
+    keep_alive_timeout_s: float = 5.0
     # API behaviour
     model_name: str = DEFAULT_MODEL  # the base model's id in the API
     max_body_bytes: int = 1 << 20  # JSON request bodies

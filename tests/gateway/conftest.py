@@ -18,6 +18,7 @@ import pytest
 import uvicorn
 
 from gateway.app import create_app
+from gateway.server import uvicorn_config
 from gateway.settings import Settings
 from tests.adapters.builders import SMOLLM2, lora_tensors, peft_config, write_peft_dir
 
@@ -48,7 +49,9 @@ async def asgi_client(app) -> AsyncIterator[httpx.AsyncClient]:
 
 
 class Server:
-    """A real uvicorn serving ``app`` on 127.0.0.1 in a background thread."""
+    """A real uvicorn serving ``app`` on 127.0.0.1 in a background thread, configured as
+    ``tensafe serve`` configures it, from the gateway's settings (defaults for an app that is
+    not the gateway)."""
 
     def __init__(self, app) -> None:
         self.app = app
@@ -56,8 +59,10 @@ class Server:
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
-                                                    timeout_graceful_shutdown=5))
+        gateway = getattr(app.state, "gateway", None)
+        config = uvicorn_config(app, gateway.settings if gateway is not None else Settings(), log_level="warning",
+                                timeout_graceful_shutdown=5)
+        self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
