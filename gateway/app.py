@@ -16,7 +16,6 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from redis.asyncio import from_url as redis_from_url
 
 from adapters.base_model import BaseModelSpec
 from cache import AdapterCache
@@ -41,7 +40,9 @@ from .quotas import InProcessQuotas, Quotas, RedisQuotas
 from .residency import BackendSlots, StoredPackages
 from .routing import AutoRouter
 from .settings import Settings
-from .store import open_store
+from .store import StoreUnavailable, open_store
+from .store.outage import redis_client
+from .storehealth import StoreCollector, StoreHealth
 from .tenancy import Tenancy
 from .usage import UsageRecorder
 
@@ -77,6 +78,15 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return response
 
 
+async def _store_unavailable(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StoreUnavailable)
+    gateway: Gateway = request.app.state.gateway
+    gateway.store_health.mark_down(exc.store, exc.reason)
+    return await _api_error(request, errors.Overloaded(
+        f"The gateway's {exc.store} store is unavailable; retry shortly.", code="store_unavailable",
+        retry_after=gateway.settings.retry_after_s))
+
+
 def load_local_adapters(spec: str) -> list[tuple[str, Path]]:
     """``name=PEFT_DIR,name2=PEFT_DIR2`` -> pairs (operator-provided development adapters)."""
     out = []
@@ -94,7 +104,7 @@ class Gateway:
     def __init__(self, settings: Settings, backend: Backend) -> None:
         self.settings = settings
         self.backend = backend
-        self.store = open_store(settings.resolved_store_url())
+        self.store = open_store(settings.resolved_store_url(), settings.store_timeout_s)
         self.keys = PROVIDERS[settings.key_provider](settings.data_dir)
         self.oidc = _oidc(settings)
         self.auth = Authenticator(self.store, self.keys.hashing_key(), admin_key=settings.admin_key, oidc=self.oidc,
@@ -104,8 +114,13 @@ class Gateway:
                                  cache_ttl_s=settings.registry_cache_ttl_s)
         self.usage = UsageRecorder(self.store)
         self.auto = AutoRouter(self.store)
-        self._quota_redis = redis_from_url(settings.quota_redis_url) if settings.quota_redis_url else None
+        self._quota_redis = (redis_client(settings.quota_redis_url, settings.store_timeout_s)
+                             if settings.quota_redis_url else None)
         self.quotas: Quotas = RedisQuotas(self._quota_redis) if self._quota_redis is not None else InProcessQuotas()
+        checks = {"registry": self.store.ping}
+        if self._quota_redis is not None:
+            checks["quotas"] = self.quotas.ping
+        self.store_health = StoreHealth(checks)
         self.cache: AdapterCache | None = None
         self.tenancy: Tenancy | None = None
         self.completions: Completions | None = None
@@ -115,6 +130,7 @@ class Gateway:
         self.metrics = Metrics()
         self.metrics.add_collector(CacheCollector(lambda: self.cache.stats() if self.cache is not None else None))
         self.metrics.add_collector(BackendCollector(backend))
+        self.metrics.add_collector(StoreCollector(self.store_health))
         self.ready = False
 
     async def start(self) -> None:
@@ -142,6 +158,7 @@ class Gateway:
                                   max_body_bytes=s.max_body_bytes)
         self.boot = await self._bootstrap()
         self.usage.start()
+        self.store_health.start()
         self.ready = True
 
     def _registry_changed(self) -> None:
@@ -176,6 +193,7 @@ class Gateway:
 
     async def stop(self) -> None:
         self.ready = False
+        await self.store_health.stop()
         await self.usage.stop()
         await self.auto.close()
         if self.cache is not None:
@@ -200,7 +218,9 @@ class Gateway:
         return principal
 
     async def health(self, request: Request) -> Response:
-        return JSONResponse({"status": "ok"})
+        """Alive: always 200 while the process serves; the stores' last known state beside it."""
+        return JSONResponse({"status": "ok" if self.store_health.ok else "degraded",
+                             "stores": self.store_health.view()})
 
     async def ready_check(self, request: Request) -> Response:
         health = await self.backend.health()
@@ -321,7 +341,8 @@ def create_app(settings: Settings, backend: Backend | None = None,
         routes=gateway.routes(), lifespan=lifespan,
         middleware=[Middleware(GatewayMiddleware, access_log_enabled=settings.access_log,
                                observe=gateway.metrics.observe)],
-        exception_handlers={errors.ApiError: _api_error, HTTPException: _http_error},
+        exception_handlers={errors.ApiError: _api_error, HTTPException: _http_error,
+                            StoreUnavailable: _store_unavailable},
     )
     app.state.gateway = gateway
     return app

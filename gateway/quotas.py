@@ -29,6 +29,7 @@ the scripts as an argument that takes the place of ``TIME``.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import secrets
 import time
@@ -38,6 +39,9 @@ from typing import Any, Protocol
 import redis.asyncio as aioredis
 
 from .errors import RateLimited
+from .store.outage import REDIS_OUTAGES, translated
+
+log = logging.getLogger("tensafe.gateway")
 
 #: the largest quota: buckets are floats (here and in Redis's Lua), exact up to 2**53
 MAX_QUOTA = 2**53
@@ -103,7 +107,11 @@ class Admission:
 
 
 class Quotas(Protocol):
-    async def admit(self, tenant: str, limits: QuotaLimits, tokens: int) -> Admission: ...
+    async def admit(self, tenant: str, limits: QuotaLimits, tokens: int) -> Admission:
+        """Raises RateLimited, or StoreUnavailable when shared buckets cannot be reached."""
+
+    async def ping(self) -> None:
+        """Returns when the buckets can be reached; StoreUnavailable when they cannot."""
 
     async def close(self) -> None: ...
 
@@ -201,6 +209,9 @@ class InProcessQuotas:
 
         return Admission(tokens, release)
 
+    async def ping(self) -> None:
+        return None
+
     async def close(self) -> None:
         self._requests.clear()
         self._tokens.clear()
@@ -272,8 +283,13 @@ def _arg(limit: int | None) -> int:
     return -1 if limit is None else limit
 
 
+@translated("quotas", REDIS_OUTAGES)
 class RedisQuotas:
-    """Quotas shared by every replica through one Redis; the caller owns (and closes) ``client``."""
+    """Quotas shared by every replica through one Redis; the caller owns (and closes) ``client``.
+
+    When Redis cannot be reached, ``admit`` raises StoreUnavailable (the request gets a 503) and
+    a release is dropped with a warning: the request has been served, and its concurrency slot
+    frees itself when its lease expires."""
 
     def __init__(self, client: aioredis.Redis, prefix: str = "tensafe:quota:",
                  clock: Callable[[], float] | None = None, lease_s: float = 600.0) -> None:
@@ -282,6 +298,7 @@ class RedisQuotas:
         self._prefix = prefix
         self._clock = clock
         self._lease_s = lease_s
+        self._client = client
         self._admit = client.register_script(_ADMIT)
         self._release = client.register_script(_RELEASE)
 
@@ -308,9 +325,16 @@ class RedisQuotas:
 
         async def release(refund: int) -> None:
             if member or (limits.tokens_per_min is not None and refund > 0):
-                await self._release(keys=keys, args=[self._now(), _arg(limits.tokens_per_min), refund, member])
+                try:
+                    await self._release(keys=keys, args=[self._now(), _arg(limits.tokens_per_min), refund, member])
+                except REDIS_OUTAGES as exc:
+                    log.warning("quota release for tenant %s dropped, Redis unavailable (%s): the slot frees "
+                                "itself within %.0f s", tenant, type(exc).__name__, self._lease_s)
 
         return Admission(tokens, release)
+
+    async def ping(self) -> None:
+        await self._client.ping()
 
     async def close(self) -> None:
         """Nothing to free: the client belongs to the caller."""

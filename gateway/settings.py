@@ -60,6 +60,9 @@ class Settings:
     # tenancy
     store_url: str = ""  # sqlite:///path or redis://host:port/db; default sqlite in data_dir
     quota_redis_url: str = ""  # share quota buckets between replicas; default in-process
+    #: how long a registry or quota store call may take before the request gets a 503 (Redis
+    #: connect and read timeouts; SQLite's wait for another connection's lock)
+    store_timeout_s: float = 1.0
     key_provider: str = "dir"  # dir (data_dir/keys, 0600 files) | env
     max_upload_bytes: int = 64 << 20
     demo: bool = True  # in development mode, bootstrap a demo tenant, key and adapters

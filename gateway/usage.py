@@ -9,7 +9,7 @@ import datetime
 import logging
 import time
 
-from .store import Store
+from .store import Store, StoreUnavailable
 
 log = logging.getLogger("tensafe.gateway")
 
@@ -62,6 +62,8 @@ class UsageRecorder:
             await asyncio.sleep(self.interval_s)
             try:
                 await self.flush()
+            except StoreUnavailable as exc:  # an outage: the rows wait for the next flush
+                log.warning("usage flush postponed: %s", exc)
             except Exception:  # noqa: BLE001 - keep counting; the unwritten rows wait for the next flush
                 log.exception("usage flush failed")
 

@@ -1,6 +1,7 @@
 """The registry's one async interface, implemented by SQLite (embedded default) and Redis
 (shared by replicas). Both pass tests/gateway/test_store.py (one contract suite).
 
+Every method raises ``StoreUnavailable`` when the store does not answer in time.
 Listing methods return records ordered by their identity (tenant id, adapter name, key id,
 audit seq) and page with ``limit`` and ``after`` (the identity of the last record seen).
 """
@@ -44,6 +45,9 @@ class Store(Protocol):
         """Create or migrate the schema (SQLite migrates forward; a newer schema is refused)."""
 
     async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Returns when the store answers; StoreUnavailable when it does not in time."""
 
     async def schema_version(self) -> int: ...
 

@@ -16,6 +16,7 @@ tenant id, at its end, so no two identities can map to the same key (``{p}`` is 
     {p}experts                 hash  tenant id -> expert table
     {p}audit                   zset  audit entries (JSON) scored by seq
 
+Every method raises ``StoreUnavailable`` when Redis does not answer in time (see ``outage``).
 Sorted sets hold their members at score 0 and page by identity with ZRANGEBYLEX. Inserts run
 in one Lua script that writes nothing when an identity (or an API key's digest) is taken;
 updates and ``delete_tenant`` are WATCH/MULTI transactions retried on conflict. The audit
@@ -34,6 +35,7 @@ from redis.exceptions import WatchError
 
 from .base import GENESIS, SCHEMA_VERSION, audit_hash
 from .errors import AlreadyExists, SchemaTooNew
+from .outage import REDIS_OUTAGES, redis_client, translated
 from .types import AdapterRecord, ApiKeyRecord, AuditEntry, SigningKeyRecord, Tenant, UsageRow
 
 R = TypeVar("R")
@@ -83,6 +85,7 @@ def _record(cls: type[R], data: dict[str, Any]) -> R:
     return cls(**data)
 
 
+@translated("registry", REDIS_OUTAGES)
 class RedisStore:
     def __init__(self, client: aioredis.Redis, prefix: str = "tensafe:") -> None:
         """``client`` may decode responses or not; this store accepts either."""
@@ -92,8 +95,8 @@ class RedisStore:
         self._append_script = client.register_script(_APPEND)
 
     @classmethod
-    def from_url(cls, url: str, prefix: str = "tensafe:") -> RedisStore:
-        return cls(aioredis.from_url(url, decode_responses=True), prefix)
+    def from_url(cls, url: str, prefix: str = "tensafe:", timeout_s: float = 1.0) -> RedisStore:
+        return cls(redis_client(url, timeout_s, decode_responses=True), prefix)
 
     def _k(self, name: str, tenant: str | None = None) -> str:
         return f"{self.prefix}{name}" if tenant is None else f"{self.prefix}{name}:{tenant}"
@@ -109,6 +112,9 @@ class RedisStore:
 
     async def close(self) -> None:
         await self.client.aclose()
+
+    async def ping(self) -> None:
+        await self.client.ping()
 
     async def schema_version(self) -> int:
         return int(await self.client.hget(self._k("meta"), "schema_version"))

@@ -2,7 +2,8 @@
 
 Queries run on the event loop thread: each is a primary-key lookup or a small write on a
 local file in WAL mode (tens of microseconds), cheaper than a hop to a worker thread.
-The schema is versioned in ``meta``; ``init`` applies forward migrations in one transaction
+A write that finds the file locked by another connection waits ``timeout_s``, then (like a
+failing disk) raises ``StoreUnavailable``. The schema is versioned in ``meta``; ``init`` applies forward migrations in one transaction
 and refuses a database written by a newer gateway.
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 from .base import GENESIS, SCHEMA_VERSION, audit_hash
 from .errors import AlreadyExists, SchemaTooNew
+from .outage import sqlite_outage, translated
 from .types import AdapterRecord, ApiKeyRecord, AuditEntry, SigningKeyRecord, Tenant, UsageRow
 
 #: version -> statements taking the schema from version-1 to version
@@ -64,9 +66,11 @@ def _audit(row: sqlite3.Row) -> AuditEntry:
                       row["prev_hash"], row["hash"])
 
 
+@translated("registry", (sqlite3.OperationalError,), sqlite_outage)
 class SqliteStore:
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, timeout_s: float = 1.0) -> None:
         self.path = Path(path)
+        self.timeout_s = timeout_s  # how long a write waits for another connection's lock
         self._db: sqlite3.Connection | None = None
 
     @property
@@ -79,7 +83,7 @@ class SqliteStore:
         if self._db is not None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db = sqlite3.connect(self.path, timeout=self.timeout_s, isolation_level=None, check_same_thread=False)
         db.row_factory = sqlite3.Row
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
@@ -107,6 +111,9 @@ class SqliteStore:
         if self._db is not None:
             self._db.close()
             self._db = None
+
+    async def ping(self) -> None:
+        self.db.execute("SELECT 1").fetchone()
 
     async def schema_version(self) -> int:
         return int(self.db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()["value"])

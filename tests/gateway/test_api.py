@@ -123,7 +123,7 @@ async def test_v1_requires_the_api_key(client):
 
 
 async def test_health_and_ready(client):
-    assert (await client.get("/health")).json() == {"status": "ok"}
+    assert (await client.get("/health")).json() == {"status": "ok", "stores": {"registry": "ok"}}
     r = await client.get("/ready")
     assert r.status_code == 200 and r.json()["model"] == BASE
 
