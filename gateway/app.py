@@ -2,6 +2,7 @@
 every error to OpenAI's shape in one place. Nothing imports this module."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import logging
@@ -127,6 +128,7 @@ class Gateway:
         self.tenant_api: TenantApi | None = None
         self.admin_api: AdminApi | None = None
         self.boot: Bootstrapped | None = None
+        self._sweeper: asyncio.Task | None = None
         self.metrics = Metrics()
         self.metrics.add_collector(CacheCollector(lambda: self.cache.stats() if self.cache is not None else None))
         self.metrics.add_collector(BackendCollector(backend))
@@ -157,9 +159,25 @@ class Gateway:
         self.admin_api = AdminApi(self.tenancy, self.principal_of, self.usage, self.cache,
                                   max_body_bytes=s.max_body_bytes)
         self.boot = await self._bootstrap()
+        await self.sweep_blobs()
+        self._sweeper = asyncio.create_task(self._sweep_periodically(), name="blob-sweep")
         self.usage.start()
         self.store_health.start()
         self.ready = True
+
+    async def sweep_blobs(self) -> None:
+        assert self.tenancy is not None
+        removed = await self.tenancy.sweep_blobs(self.settings.orphan_grace_s)
+        if removed:
+            log.warning("removed %d file(s) a crash left in the blob store: %s", len(removed), ", ".join(removed))
+
+    async def _sweep_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(max(self.settings.orphan_grace_s, 60.0))
+            try:
+                await self.sweep_blobs()
+            except StoreUnavailable as exc:
+                log.warning("blob sweep postponed: %s", exc)
 
     def _registry_changed(self) -> None:
         """A key was revoked, a tenant changed or went, or an adapter was deleted: what the
@@ -193,6 +211,10 @@ class Gateway:
 
     async def stop(self) -> None:
         self.ready = False
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
         await self.store_health.stop()
         await self.usage.stop()
         await self.auto.close()

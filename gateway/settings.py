@@ -65,6 +65,10 @@ class Settings:
     store_timeout_s: float = 1.0
     key_provider: str = "dir"  # dir (data_dir/keys, 0600 files) | env
     max_upload_bytes: int = 64 << 20
+    #: files a crash left in the blob store (temp files, blobs without a record) are removed at
+    #: start and then every this many seconds, once they are this old (so an upload another
+    #: replica has in flight is never taken)
+    orphan_grace_s: float = 300.0
     demo: bool = True  # in development mode, bootstrap a demo tenant, key and adapters
     # adapter cache
     cpu_cache_mb: int = 1024  # decrypted adapters held in RAM

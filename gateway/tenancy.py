@@ -5,7 +5,9 @@ Upload order: size limit -> open fully in memory (both signatures against the te
 active signing keys, key unwrap, decrypt, payload digest, tensors against the base model) ->
 manifest tenant must be the caller -> quota -> blob written atomically -> registry record.
 A failure at any step leaves nothing behind (the blob is removed if the record cannot be
-written). The plaintext is dropped; the blob is the package as uploaded.
+written), and what a crash between two steps leaves is removed by ``sweep_blobs``, which the
+gateway runs at start and then periodically. The plaintext is dropped; the blob is the package
+as uploaded.
 """
 from __future__ import annotations
 
@@ -203,6 +205,19 @@ class Tenancy:
         await self._forget(record)
         await self.audit(actor, "adapter.delete", f"{tenant_id}/{name}", version=record.version)
         return record
+
+    async def sweep_blobs(self, grace_s: float) -> list[str]:
+        """Remove what a crash left in the blob store (temp files, blobs no record names) once
+        older than ``grace_s``; returns the names removed."""
+        candidates = await asyncio.to_thread(self.blobs.candidates, grace_s)  # before the records
+        if not candidates:
+            return []
+        referenced: set[str] = set()
+        after = None
+        while batch := await self.store.list_adapters(None, 1000, after):
+            referenced.update(r.blob for r in batch)
+            after = f"{batch[-1].tenant}/{batch[-1].name}"
+        return await asyncio.to_thread(self.blobs.sweep, candidates, referenced)
 
     async def _forget(self, record: AdapterRecord) -> None:
         if self.cache is not None:
