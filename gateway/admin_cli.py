@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import sys
@@ -38,22 +39,19 @@ def cmd_rotate_recipient(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from .store import open_store, verify_chain
+    from .store import AuditHead, open_store, verify_store
 
-    async def run() -> tuple[int, list[str]]:
+    async def run() -> tuple[int, list[str], AuditHead | None]:
         store = open_store(_settings(args).resolved_store_url())
         await store.init()
         try:
-            entries, after = [], 0
-            while batch := await store.list_audit(after, 1000):
-                entries += batch
-                after = batch[-1].seq
-            return len(entries), verify_chain(entries)
+            return await verify_store(store)
         finally:
             await store.close()
 
-    count, problems = asyncio.run(run())
-    print(json.dumps({"entries": count, "intact": not problems, "problems": problems}))
+    count, problems, head = asyncio.run(run())
+    print(json.dumps({"entries": count, "intact": not problems, "problems": problems,
+                      "head": dataclasses.asdict(head) if head is not None else None}))
     return 0 if not problems else 1
 
 

@@ -2,6 +2,7 @@
 quotas, usage and adapters, the cache, and the audit log."""
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -15,7 +16,7 @@ from .jsonresponse import JSONResponse
 from .auth import Principal
 from .bodies import read_object, scopes_field
 from .quotas import QuotaLimits
-from .store import verify_chain
+from .store import verify_store
 from .tenancy import Tenancy
 from .usage import UsageRecorder
 from .views import (adapter_view, audit_view, key_view, page, page_params, signing_key_view, tenant_view,
@@ -171,12 +172,9 @@ class AdminApi:
 
     async def audit_verify(self, request: Request) -> Response:
         await self._admin(request)
-        entries, after = [], 0
-        while batch := await self.tenancy.store.list_audit(after, 1000):
-            entries += batch
-            after = batch[-1].seq
-        problems = verify_chain(entries)
-        return JSONResponse({"entries": len(entries), "intact": not problems, "problems": problems})
+        count, problems, head = await verify_store(self.tenancy.store)
+        return JSONResponse({"entries": count, "intact": not problems, "problems": problems,
+                             "head": dataclasses.asdict(head) if head is not None else None})
 
     # cache ---------------------------------------------------------------------------------------
     async def cache_stats(self, request: Request) -> Response:

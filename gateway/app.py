@@ -150,7 +150,7 @@ class Gateway:
                                   prepare=slots.prepare)
         self.cache.add_backend(self.backend.name, slots)
         self.tenancy = Tenancy(self.store, self.auth, self.keys, self.blobs, self.cache, base, self.models.reserved(),
-                               on_change=self._registry_changed)
+                               on_change=self._registry_changed, usage=self.usage)
         self.completions = Completions(self.backend, self.models, max_body_bytes=s.max_body_bytes,
                                        request_timeout_s=s.request_timeout_s, retry_after_s=s.retry_after_s,
                                        cache=self.cache, quotas=self.quotas, usage=self.usage, auto=self.auto)

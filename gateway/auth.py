@@ -42,6 +42,7 @@ class Principal:
     scopes: tuple[str, ...]
     subject: str  # key id, JWT subject or "bootstrap-admin"
     limits: QuotaLimits = QuotaLimits()  # the tenant's quotas
+    incarnation: str = ""  # the tenant's (see store.Tenant): usage is only ever counted to it
 
     def require(self, scope: str) -> None:
         """``admin`` may do anything; ``tenant-admin`` includes ``tenant``."""
@@ -117,7 +118,7 @@ class Authenticator:
             raise AuthenticationFailed("Incorrect API key provided.")
         if tenant.suspended:
             raise PermissionDenied("This tenant is suspended.", code="tenant_suspended")
-        return Principal(tenant_id, scopes, subject, QuotaLimits.stored(tenant.quotas))
+        return Principal(tenant_id, scopes, subject, QuotaLimits.stored(tenant.quotas), tenant.incarnation)
 
     async def issue(self, tenant: str | None, scopes: tuple[str, ...], name: str,
                     key: str | None = None) -> tuple[str, ApiKeyRecord]:

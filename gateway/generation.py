@@ -222,7 +222,8 @@ class Completions:
         state.prompt_tokens, state.completion_tokens = last.prompt_tokens, last.completion_tokens
         state.finish_reason = last.finish_reason
         if self.usage is not None and principal.tenant is not None:
-            self.usage.add(principal.tenant, route.model, last.prompt_tokens, last.completion_tokens)
+            self.usage.add(principal.tenant, route.model, last.prompt_tokens, last.completion_tokens,
+                           principal.incarnation)
 
     async def _events(self, request: Request, stream: AsyncIterator[BackendChunk], first: BackendChunk | None,
                       render: Callable[[BackendChunk, bool], bytes], usage: Callable[[BackendChunk], bytes] | None,

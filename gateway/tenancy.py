@@ -12,9 +12,11 @@ as uploaded.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import re
+import secrets
 import time
 from collections.abc import Callable
 from typing import Any
@@ -31,6 +33,7 @@ from .blobs import BlobStore
 from .keyprovider import KeyProvider
 from .residency import signing_public
 from .store import AdapterRecord, AlreadyExists, ApiKeyRecord, SigningKeyRecord, Store, Tenant
+from .usage import UsageRecorder
 
 TENANT_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 TENANT_SCOPES = ("tenant", "tenant-admin")
@@ -39,8 +42,9 @@ TENANT_SCOPES = ("tenant", "tenant-admin")
 class Tenancy:
     def __init__(self, store: Store, auth: Authenticator, keys: KeyProvider, blobs: BlobStore,
                  cache: AdapterCache | None, base_model: BaseModelSpec | None, reserved_names: set[str],
-                 on_change: Callable[[], None] = lambda: None) -> None:
+                 on_change: Callable[[], None] = lambda: None, usage: UsageRecorder | None = None) -> None:
         self.store = store
+        self.usage = usage
         self.changed = on_change  # after a change that remembered registry reads must not outlive
         self.auth = auth
         self.keys = keys
@@ -58,7 +62,7 @@ class Tenancy:
         if not TENANT_ID.match(tenant_id):
             raise errors.InvalidRequest("Invalid 'id': lowercase letters, digits, '-' and '_', at most 63.",
                                         param="id", code="invalid_value")
-        tenant = Tenant(tenant_id, name or tenant_id, int(time.time()), False, quotas)
+        tenant = Tenant(tenant_id, name or tenant_id, int(time.time()), False, quotas, secrets.token_hex(8))
         try:
             await self.store.create_tenant(tenant)
         except AlreadyExists:
@@ -82,8 +86,7 @@ class Tenancy:
             changes["suspended"] = suspended
         if quotas is not None:
             changes["quotas"] = quotas
-        updated = Tenant(tenant.id, changes.get("name", tenant.name), tenant.created,
-                         changes.get("suspended", tenant.suspended), changes.get("quotas", tenant.quotas))
+        updated = dataclasses.replace(tenant, **changes)
         await self.store.update_tenant(updated)
         self.changed()  # suspension and quotas apply from the next request
         await self.audit(actor, "tenant.update", tenant_id, **changes)
@@ -91,6 +94,8 @@ class Tenancy:
 
     async def delete_tenant(self, actor: str, tenant_id: str) -> None:
         await self.tenant(tenant_id)
+        if self.usage is not None:
+            self.usage.forget(tenant_id)  # what it has not written yet goes with it
         removed = await self.store.delete_tenant(tenant_id)
         self.changed()
         for record in removed:

@@ -33,23 +33,32 @@ class UsageRecorder:
     def __init__(self, store: Store, interval_s: float = 2.0) -> None:
         self.store = store
         self.interval_s = interval_s
-        #: (tenant, day, model) -> [requests, prompt tokens, completion tokens] not yet written
-        self._pending: dict[tuple[str, str, str], list[int]] = collections.defaultdict(lambda: [0, 0, 0])
+        #: (tenant, incarnation, day, model) -> [requests, prompt tokens, completion tokens] not yet written
+        self._pending: dict[tuple[str, str, str, str], list[int]] = collections.defaultdict(lambda: [0, 0, 0])
         self._task: asyncio.Task | None = None
 
-    def add(self, tenant: str, model: str, prompt_tokens: int, completion_tokens: int) -> None:
-        row = self._pending[(tenant, today(), model)]
+    def add(self, tenant: str, model: str, prompt_tokens: int, completion_tokens: int, incarnation: str = "") -> None:
+        """Count one request of ``tenant`` as it is in ``incarnation`` (the principal's): if the
+        tenant is deleted before the count is written, the count goes nowhere, even when a new
+        tenant of the same id exists by then."""
+        row = self._pending[(tenant, incarnation, today(), model)]
         row[0] += 1
         row[1] += prompt_tokens
         row[2] += completion_tokens
 
+    def forget(self, tenant: str) -> None:
+        """Drop what ``tenant`` has not written yet (it is being deleted)."""
+        for key in [k for k in self._pending if k[0] == tenant]:
+            del self._pending[key]
+
     async def flush(self) -> None:
-        """Write what was counted; rows the store refused stay pending for the next flush."""
+        """Write what was counted; rows the store refused stay pending for the next flush, rows
+        of a tenant that is gone (or another incarnation of it) are dropped."""
         pending, self._pending = self._pending, collections.defaultdict(lambda: [0, 0, 0])
         rows = list(pending.items())
-        for i, ((tenant, day, model), (requests, prompt, completion)) in enumerate(rows):
+        for i, ((tenant, incarnation, day, model), (requests, prompt, completion)) in enumerate(rows):
             try:
-                await self.store.add_usage(tenant, day, model, requests, prompt, completion)
+                await self.store.add_usage(tenant, day, model, requests, prompt, completion, incarnation)
             except BaseException:
                 for key, counts in rows[i:]:
                     row = self._pending[key]

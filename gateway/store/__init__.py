@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .base import SCHEMA_VERSION, Store, audit_hash, verify_chain
+from .base import SCHEMA_VERSION, Store, audit_hash, verify_chain, verify_store
 from .errors import AlreadyExists, SchemaTooNew, StoreError, StoreUnavailable
-from .types import SCOPES, AdapterRecord, ApiKeyRecord, AuditEntry, SigningKeyRecord, Tenant, UsageRow
+from .types import SCOPES, AdapterRecord, ApiKeyRecord, AuditEntry, AuditHead, SigningKeyRecord, Tenant, UsageRow
 
 
 def _sqlite(url: str, timeout_s: float) -> Store:
@@ -35,5 +35,5 @@ def open_store(url: str, timeout_s: float = 1.0) -> Store:
 
 
 __all__ = ["SCHEMA_VERSION", "SCOPES", "STORES", "AdapterRecord", "AlreadyExists", "ApiKeyRecord", "AuditEntry",
-           "SchemaTooNew", "SigningKeyRecord", "Store", "StoreError", "StoreUnavailable", "Tenant", "UsageRow", "audit_hash", "open_store",
-           "verify_chain"]
+           "AuditHead", "SchemaTooNew", "SigningKeyRecord", "Store", "StoreError", "StoreUnavailable", "Tenant",
+           "UsageRow", "audit_hash", "open_store", "verify_chain", "verify_store"]

@@ -11,9 +11,9 @@ import hashlib
 import json
 from typing import Any, Protocol
 
-from .types import AdapterRecord, ApiKeyRecord, AuditEntry, SigningKeyRecord, Tenant, UsageRow
+from .types import AdapterRecord, ApiKeyRecord, AuditEntry, AuditHead, SigningKeyRecord, Tenant, UsageRow
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 GENESIS = "0" * 64
 
 
@@ -24,8 +24,9 @@ def audit_hash(prev_hash: str, seq: int, time: int, actor: str, action: str, tar
     return hashlib.sha256(body.encode()).hexdigest()
 
 
-def verify_chain(entries: list[AuditEntry]) -> list[str]:
-    """Problems found in an audit log read from the start (empty = intact)."""
+def verify_chain(entries: list[AuditEntry], head: AuditHead | None = None) -> list[str]:
+    """Problems found in an audit log read from the start (empty = intact). ``head``, when
+    given, is the separately stored last seq and hash: it shows entries removed from the end."""
     problems = []
     prev = GENESIS
     for expected_seq, e in enumerate(entries, start=1):
@@ -37,7 +38,30 @@ def verify_chain(entries: list[AuditEntry]) -> list[str]:
             problems.append(f"entry {e.seq}: contents do not match its hash")
         prev = e.hash
         expected_seq = e.seq
+    last = entries[-1] if entries else None
+    if head is not None and (last is None or head.seq != last.seq):
+        ends = f"ends at entry {last.seq}" if last is not None else "is empty"
+        problems.append(f"the log {ends} but its head records entry {head.seq}: "
+                        + ("entries were removed from its end" if last is None or head.seq > last.seq
+                           else "the head was not kept with the log"))
+    elif head is not None and last is not None and head.hash != last.hash:
+        problems.append(f"entry {last.seq}: does not match the hash its head records")
     return problems
+
+
+async def verify_store(store: "Store") -> tuple[int, list[str], AuditHead | None]:
+    """Read the whole audit log of ``store`` and check it against its head: (entries, problems,
+    the head)."""
+    head = await store.audit_head()
+    entries: list[AuditEntry] = []
+    after = 0
+    while batch := await store.list_audit(after, 1000):
+        entries += batch
+        after = batch[-1].seq
+    problems = verify_chain(entries, head)
+    if head is None and entries:
+        problems.append(f"the log has {len(entries)} entries but no head")
+    return len(entries), problems, head
 
 
 class Store(Protocol):
@@ -102,7 +126,9 @@ class Store(Protocol):
 
     # usage ------------------------------------------------------------------------------
     async def add_usage(self, tenant: str, day: str, model: str, requests: int, prompt_tokens: int,
-                        completion_tokens: int) -> None: ...
+                        completion_tokens: int, incarnation: str | None = None) -> bool:
+        """Add to the counters; with ``incarnation``, only while the tenant exists as that
+        incarnation (False, nothing written, once it was deleted, even if re-created)."""
 
     async def usage(self, tenant: str, since_day: str | None = None) -> list[UsageRow]: ...
 
@@ -116,3 +142,6 @@ class Store(Protocol):
         """Appends atomically (sequence and hash chain computed inside the store)."""
 
     async def list_audit(self, after: int = 0, limit: int = 100) -> list[AuditEntry]: ...
+
+    async def audit_head(self) -> AuditHead | None:
+        """The last entry's seq and hash as recorded with each append (None: nothing appended)."""

@@ -3,7 +3,7 @@
 Every record is JSON in a hash field and every Redis key has at most one variable part, the
 tenant id, at its end, so no two identities can map to the same key (``{p}`` is the prefix)::
 
-    {p}meta                    hash  schema_version
+    {p}meta                    hash  schema_version, audit_head ("seq:hash" of the last entry)
     {p}tenants                 hash  tenant id -> Tenant
     {p}tenant-index            zset  tenant ids
     {p}api-keys                hash  key id -> ApiKeyRecord
@@ -36,7 +36,7 @@ from redis.exceptions import WatchError
 from .base import GENESIS, SCHEMA_VERSION, audit_hash
 from .errors import AlreadyExists, SchemaTooNew
 from .outage import REDIS_OUTAGES, redis_client, translated
-from .types import AdapterRecord, ApiKeyRecord, AuditEntry, SigningKeyRecord, Tenant, UsageRow
+from .types import AdapterRecord, ApiKeyRecord, AuditEntry, AuditHead, SigningKeyRecord, Tenant, UsageRow
 
 R = TypeVar("R")
 SEP = "\0"  # between tenant and name in the adapter index: sorts below every character of an id
@@ -53,12 +53,26 @@ for i = c + 1, #KEYS do redis.call('ZADD', KEYS[i], 0, ARGV[c + 1 + i]) end
 return 1
 """
 
-#: KEYS[1]: the audit log; ARGV[1]: the last seq the caller saw; ARGV[2]: the entry to append.
+#: KEYS[1]: the audit log, KEYS[2]: meta; ARGV[1]: the last seq the caller saw; ARGV[2]: the
+#: entry to append; ARGV[3]: the new head.
 _APPEND = """
 local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
 local seq = last[2] and tonumber(last[2]) or 0
 if seq ~= tonumber(ARGV[1]) then return 0 end
 redis.call('ZADD', KEYS[1], seq + 1, ARGV[2])
+redis.call('HSET', KEYS[2], 'audit_head', ARGV[3])
+return 1
+"""
+
+#: KEYS[1]: tenants, KEYS[2]: the tenant's usage; ARGV[1]: tenant id, ARGV[2]: incarnation, then
+#: (field, increment) three times. 0 = the tenant is gone or another incarnation, nothing written.
+_ADD_USAGE = """
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+if not raw then return 0 end
+local incarnation = cjson.decode(raw)['incarnation']
+if incarnation == nil or incarnation == cjson.null then incarnation = '' end
+if incarnation ~= ARGV[2] then return 0 end
+for i = 3, #ARGV, 2 do redis.call('HINCRBY', KEYS[2], ARGV[i], ARGV[i + 1]) end
 return 1
 """
 
@@ -93,6 +107,7 @@ class RedisStore:
         self.prefix = prefix
         self._insert_script = client.register_script(_INSERT)
         self._append_script = client.register_script(_APPEND)
+        self._usage_script = client.register_script(_ADD_USAGE)
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "tensafe:", timeout_s: float = 1.0) -> RedisStore:
@@ -102,13 +117,19 @@ class RedisStore:
         return f"{self.prefix}{name}" if tenant is None else f"{self.prefix}{name}:{tenant}"
 
     async def init(self) -> None:
-        """Records the schema version in a new database; refuses one written by a newer gateway
-        (version 1 is the first Redis layout, so there is nothing older to migrate)."""
+        """Records the schema version in a new database, migrates an older one, refuses one
+        written by a newer gateway. Version 2 added the audit head (taken from the last entry of
+        an older log) and tenant incarnations (a tenant record without one reads as "")."""
         meta = self._k("meta")
         await self.client.hsetnx(meta, "schema_version", SCHEMA_VERSION)
         found = int(await self.client.hget(meta, "schema_version"))
         if found > SCHEMA_VERSION:
             raise SchemaTooNew(found, SCHEMA_VERSION)
+        if found < 2:
+            last = await self.client.zrange(self._k("audit"), -1, -1, withscores=True)
+            if last:
+                await self.client.hsetnx(meta, "audit_head", f"{int(last[0][1])}:{json.loads(last[0][0])['hash']}")
+            await self.client.hset(meta, "schema_version", SCHEMA_VERSION)
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -279,13 +300,19 @@ class RedisStore:
 
     # usage ------------------------------------------------------------------------------
     async def add_usage(self, tenant: str, day: str, model: str, requests: int, prompt_tokens: int,
-                        completion_tokens: int) -> None:
+                        completion_tokens: int, incarnation: str | None = None) -> bool:
         key = self._k("usage", tenant)
+        counts = (("requests", requests), ("prompt_tokens", prompt_tokens), ("completion_tokens", completion_tokens))
+        if incarnation is not None:
+            args: list[Any] = [tenant, incarnation]
+            for counter, n in counts:
+                args += [json.dumps([day, model, counter]), n]
+            return bool(await self._usage_script(keys=[self._k("tenants"), key], args=args))
         async with self.client.pipeline(transaction=True) as pipe:
-            for counter, n in (("requests", requests), ("prompt_tokens", prompt_tokens),
-                               ("completion_tokens", completion_tokens)):
+            for counter, n in counts:
                 pipe.hincrby(key, json.dumps([day, model, counter]), n)
             await pipe.execute()
+        return True
 
     async def usage(self, tenant: str, since_day: str | None = None) -> list[UsageRow]:
         rows: dict[tuple[str, str], dict[str, int]] = {}
@@ -311,9 +338,17 @@ class RedisStore:
             seq, prev = (int(last[0][1]), json.loads(last[0][0])["hash"]) if last else (0, GENESIS)
             entry = AuditEntry(seq + 1, time, actor, action, target, detail, prev,
                                audit_hash(prev, seq + 1, time, actor, action, target, detail))
-            if await self._append_script(keys=[key], args=[seq, _dump(entry)]):
+            if await self._append_script(keys=[key, self._k("meta")], args=[seq, _dump(entry),
+                                                                             f"{entry.seq}:{entry.hash}"]):
                 return entry
 
     async def list_audit(self, after: int = 0, limit: int = 100) -> list[AuditEntry]:
         members = await self.client.zrangebyscore(self._k("audit"), f"({after}", "+inf", 0, limit)
         return [_load(AuditEntry, m) for m in members]
+
+    async def audit_head(self) -> AuditHead | None:
+        raw = await self.client.hget(self._k("meta"), "audit_head")
+        if raw is None:
+            return None
+        seq, _, digest = _text(raw).partition(":")
+        return AuditHead(int(seq), digest)

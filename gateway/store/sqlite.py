@@ -16,7 +16,7 @@ from typing import Any
 from .base import GENESIS, SCHEMA_VERSION, audit_hash
 from .errors import AlreadyExists, SchemaTooNew
 from .outage import sqlite_outage, translated
-from .types import AdapterRecord, ApiKeyRecord, AuditEntry, SigningKeyRecord, Tenant, UsageRow
+from .types import AdapterRecord, ApiKeyRecord, AuditEntry, AuditHead, SigningKeyRecord, Tenant, UsageRow
 
 #: version -> statements taking the schema from version-1 to version
 MIGRATIONS: dict[int, str] = {
@@ -39,11 +39,17 @@ MIGRATIONS: dict[int, str] = {
     CREATE TABLE audit (seq INTEGER PRIMARY KEY, time INTEGER NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL,
                         target TEXT NOT NULL, detail TEXT NOT NULL, prev_hash TEXT NOT NULL, hash TEXT NOT NULL);
     """,
+    # tenant incarnations; the audit head ("seq:hash" of the last entry) in meta
+    2: """
+    ALTER TABLE tenants ADD COLUMN incarnation TEXT NOT NULL DEFAULT '';
+    INSERT INTO meta SELECT 'audit_head', seq || ':' || hash FROM audit ORDER BY seq DESC LIMIT 1;
+    """,
 }
 
 
 def _tenant(row: sqlite3.Row) -> Tenant:
-    return Tenant(row["id"], row["name"], row["created"], bool(row["suspended"]), json.loads(row["quotas"]))
+    return Tenant(row["id"], row["name"], row["created"], bool(row["suspended"]), json.loads(row["quotas"]),
+                  row["incarnation"])
 
 
 def _key(row: sqlite3.Row) -> ApiKeyRecord:
@@ -126,8 +132,9 @@ class SqliteStore:
 
     # tenants -------------------------------------------------------------------------
     async def create_tenant(self, tenant: Tenant) -> None:
-        self._insert("tenant", tenant.id, "INSERT INTO tenants VALUES (?, ?, ?, ?, ?)",
-                     (tenant.id, tenant.name, tenant.created, int(tenant.suspended), json.dumps(tenant.quotas)))
+        self._insert("tenant", tenant.id, "INSERT INTO tenants VALUES (?, ?, ?, ?, ?, ?)",
+                     (tenant.id, tenant.name, tenant.created, int(tenant.suspended), json.dumps(tenant.quotas),
+                      tenant.incarnation))
 
     async def get_tenant(self, tenant_id: str) -> Tenant | None:
         row = self.db.execute("SELECT * FROM tenants WHERE id = ?", (tenant_id,)).fetchone()
@@ -225,12 +232,15 @@ class SqliteStore:
 
     # usage ------------------------------------------------------------------------------
     async def add_usage(self, tenant: str, day: str, model: str, requests: int, prompt_tokens: int,
-                        completion_tokens: int) -> None:
-        self.db.execute(
-            "INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (tenant, day, model) DO UPDATE SET "
+                        completion_tokens: int, incarnation: str | None = None) -> bool:
+        guard, args = ("true", ()) if incarnation is None else (
+            "EXISTS (SELECT 1 FROM tenants WHERE id = ? AND incarnation = ?)", (tenant, incarnation))
+        cursor = self.db.execute(
+            f"INSERT INTO usage SELECT ?, ?, ?, ?, ?, ? WHERE {guard} ON CONFLICT (tenant, day, model) DO UPDATE SET "  # noqa: S608
             "requests = requests + excluded.requests, prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
             "completion_tokens = completion_tokens + excluded.completion_tokens",
-            (tenant, day, model, requests, prompt_tokens, completion_tokens))
+            (tenant, day, model, requests, prompt_tokens, completion_tokens, *args))
+        return cursor.rowcount > 0
 
     async def usage(self, tenant: str, since_day: str | None = None) -> list[UsageRow]:
         rows = self.db.execute("SELECT * FROM usage WHERE tenant = ? AND day >= ? ORDER BY day, model",
@@ -256,6 +266,7 @@ class SqliteStore:
             digest = audit_hash(prev, seq, time, actor, action, target, detail)
             db.execute("INSERT INTO audit VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                        (seq, time, actor, action, target, detail, prev, digest))
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('audit_head', ?)", (f"{seq}:{digest}",))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -265,3 +276,10 @@ class SqliteStore:
     async def list_audit(self, after: int = 0, limit: int = 100) -> list[AuditEntry]:
         rows = self.db.execute("SELECT * FROM audit WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit))
         return [_audit(r) for r in rows]
+
+    async def audit_head(self) -> AuditHead | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'audit_head'").fetchone()
+        if row is None:
+            return None
+        seq, _, digest = row["value"].partition(":")
+        return AuditHead(int(seq), digest)

@@ -14,6 +14,9 @@ class Tenant:
     created: int
     suspended: bool = False
     quotas: dict[str, Any] = dataclasses.field(default_factory=dict)  # QuotaLimits.to_dict()
+    #: random, fixed at creation: tells a tenant from an earlier one with the same id, so what
+    #: the earlier one left in flight (usage not yet written) never lands on the new one
+    incarnation: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +69,15 @@ class UsageRow:
     requests: int
     prompt_tokens: int
     completion_tokens: int
+
+
+@dataclasses.dataclass(frozen=True)
+class AuditHead:
+    """The last entry's seq and hash, stored apart from the log and written with each append,
+    so that removing entries from the end of the log shows."""
+
+    seq: int
+    hash: str
 
 
 @dataclasses.dataclass(frozen=True)

@@ -55,6 +55,19 @@ async def test_audit_verify_command(tmp_path, checkpoint, capsys):
     assert json.loads(capsys.readouterr().out)["problems"]
 
 
+async def test_audit_verify_command_sees_the_newest_entry_deleted(tmp_path, checkpoint, capsys):
+    async with running(tmp_path) as (app, client):
+        await World(client, app, tmp_path).setup_tenant("a")
+    args = ["audit", "verify", "--data-dir", str(tmp_path / "data")]
+    db = sqlite3.connect(tmp_path / "data" / "tensafe.db")
+    db.execute("DELETE FROM audit WHERE seq = (SELECT MAX(seq) FROM audit)")  # the chain alone stays intact
+    db.commit()
+    db.close()
+    assert await asyncio.to_thread(main, args) == 1
+    verdict = json.loads(capsys.readouterr().out)
+    assert not verdict["intact"] and "removed from its end" in verdict["problems"][0]
+
+
 def test_admin_cli_drives_the_admin_api(tmp_path, checkpoint, capsys):
     app = create_app(settings(tmp_path, admin_key=ADMIN, api_key=None))
     with Server(app) as server:

@@ -9,11 +9,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from gateway.store import (SCHEMA_VERSION, AdapterRecord, AlreadyExists, ApiKeyRecord, SchemaTooNew, SigningKeyRecord,
-                           Store, Tenant, UsageRow, open_store, verify_chain)
+from gateway.store import (SCHEMA_VERSION, AdapterRecord, AlreadyExists, ApiKeyRecord, AuditHead, SchemaTooNew,
+                           SigningKeyRecord, Store, Tenant, UsageRow, open_store, verify_chain, verify_store)
 from gateway.store.base import GENESIS, audit_hash
 from gateway.store.redis import RedisStore
-from gateway.store.sqlite import SqliteStore
+from gateway.store.sqlite import MIGRATIONS, SqliteStore
 
 Opener = Callable[[], Awaitable[Store]]
 
@@ -241,6 +241,20 @@ class StoreContract:
         assert await store.usage("acme", since_day="2024-06-01") == []
         assert await store.usage("nobody") == []
 
+    async def test_usage_of_an_incarnation_is_written_only_while_it_exists(self, store: Store) -> None:
+        await store.create_tenant(tenant("acme", incarnation="first"))
+        assert (await store.get_tenant("acme")).incarnation == "first"
+        assert await store.add_usage("acme", "2024-05-01", "base", 1, 10, 5, "first") is True
+        assert await store.add_usage("acme", "2024-05-01", "base", 1, 10, 5, "other") is False
+        assert await store.add_usage("ghost", "2024-05-01", "base", 1, 10, 5, "first") is False
+        await store.delete_tenant("acme")
+        await store.create_tenant(tenant("acme", incarnation="second"))  # the same id, re-created
+        assert await store.add_usage("acme", "2024-05-01", "base", 1, 10, 5, "first") is False
+        assert await store.usage("acme") == []
+        assert await store.add_usage("acme", "2024-05-01", "base", 1, 3, 4, "second") is True
+        assert await store.usage("acme") == [UsageRow("acme", "2024-05-01", "base", 1, 3, 4)]
+        assert await store.usage("ghost") == []
+
     async def test_concurrent_usage_increments_are_not_lost(self, store: Store) -> None:
         await asyncio.gather(*(store.add_usage("acme", "2024-05-01", "base", 1, 2, 3) for _ in range(40)))
         assert await store.usage("acme") == [UsageRow("acme", "2024-05-01", "base", 40, 80, 120)]
@@ -289,6 +303,34 @@ class StoreContract:
         assert "entry 2 is missing (found seq 3)" in verify_chain(entries)
         assert "entry 3: previous-hash link broken" in verify_chain(entries)
 
+    async def test_the_head_follows_every_append(self, store: Store) -> None:
+        assert await store.audit_head() is None
+        assert await verify_store(store) == (0, [], None)
+        for i in range(3):
+            entry = await store.append_audit(i, "op", "act", "t", "{}")
+            assert await store.audit_head() == AuditHead(entry.seq, entry.hash)
+        assert (await verify_store(store))[:2] == (3, [])
+
+    async def test_verify_store_detects_entries_removed_from_the_end(self, store: Store, tamper) -> None:
+        for i in range(4):
+            await store.append_audit(i, "op", "act", "t", "{}")
+        await tamper.delete(4)
+        entries = await store.list_audit()
+        assert verify_chain(entries) == []  # the chain alone cannot tell
+        count, problems, _ = await verify_store(store)
+        assert count == 3
+        assert problems == ["the log ends at entry 3 but its head records entry 4: entries were removed from its end"]
+        for seq in (3, 2, 1):
+            await tamper.delete(seq)
+        assert (await verify_store(store))[1] == [
+            "the log is empty but its head records entry 4: entries were removed from its end"]
+
+    async def test_verify_store_detects_an_edited_last_entry(self, store: Store, tamper) -> None:
+        for i in range(2):
+            await store.append_audit(i, "op", "act", "t", "{}")
+        await tamper.edit(2, detail='{"forged":true}')
+        assert "entry 2: contents do not match its hash" in (await verify_store(store))[1]
+
     async def test_concurrent_appends_get_consecutive_seqs_and_an_intact_chain(self, store: Store) -> None:
         entries = await asyncio.gather(*(store.append_audit(i, "op", "act", f"t{i}", "{}") for i in range(50)))
         assert sorted(e.seq for e in entries) == list(range(1, 51))
@@ -296,6 +338,7 @@ class StoreContract:
         assert [e.seq for e in stored] == list(range(1, 51))
         assert sorted(e.target for e in stored) == sorted(f"t{i}" for i in range(50))
         assert verify_chain(stored) == []
+        assert (await verify_store(store))[:2] == (50, [])
 
     # tenant deletion ----------------------------------------------------------------------
     async def test_delete_tenant_removes_everything_it_owns_and_nothing_else(self, store: Store) -> None:
@@ -414,6 +457,34 @@ class TestSqliteStore(StoreContract):
         finally:
             await store.close()
 
+    async def test_a_version_1_database_gets_its_audit_head_and_tenant_incarnations(self, tmp_path) -> None:
+        path = tmp_path / "v1.db"
+        db = sqlite3.connect(path)
+        with db:
+            db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            for statement in filter(str.strip, MIGRATIONS[1].split(";")):
+                db.execute(statement)
+            db.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+            db.execute("INSERT INTO tenants VALUES ('acme', 'Acme', 5, 0, '{}')")
+            prev = GENESIS
+            for seq in (1, 2):
+                digest = audit_hash(prev, seq, seq, "op", "act", "t", "{}")
+                db.execute("INSERT INTO audit VALUES (?, ?, 'op', 'act', 't', '{}', ?, ?)", (seq, seq, prev, digest))
+                prev = digest
+        db.close()
+        store = SqliteStore(path)
+        await store.init()
+        try:
+            assert await store.schema_version() == SCHEMA_VERSION
+            assert await store.audit_head() == AuditHead(2, prev)
+            assert (await verify_store(store))[:2] == (2, [])
+            assert (await store.get_tenant("acme")).incarnation == ""
+            assert await store.add_usage("acme", "2024-05-01", "base", 1, 1, 1, "") is True
+            assert (await store.append_audit(3, "op", "act", "t", "{}")).prev_hash == prev
+            assert (await verify_store(store))[:2] == (3, [])
+        finally:
+            await store.close()
+
     async def test_a_newer_database_is_refused(self, tmp_path) -> None:
         path = tmp_path / "new.db"
         self._old_database(path, "99")
@@ -494,6 +565,29 @@ class TestRedisStore(StoreContract):
         assert await other.get_tenant("acme") is None
         assert await other.list_audit() == []
         assert all(k.startswith(b"test:") or k.startswith(b"other:") for k in await redis_client.keys("*"))
+
+    async def test_a_version_1_layout_gets_its_audit_head(self, redis_server, redis_client) -> None:
+        await redis_client.hset(PREFIX + "meta", "schema_version", "1")
+        await redis_client.hset(PREFIX + "tenants", "acme", json.dumps(
+            {"id": "acme", "name": "Acme", "created": 5, "suspended": False, "quotas": {}}))
+        prev = GENESIS
+        for seq in (1, 2):
+            digest = audit_hash(prev, seq, seq, "op", "act", "t", "{}")
+            entry = {"seq": seq, "time": seq, "actor": "op", "action": "act", "target": "t", "detail": "{}",
+                     "prev_hash": prev, "hash": digest}
+            await redis_client.zadd(PREFIX + "audit", {json.dumps(entry): seq})
+            prev = digest
+        store = RedisStore.from_url(redis_server.url, prefix=PREFIX)
+        try:
+            await store.init()
+            assert await store.schema_version() == SCHEMA_VERSION
+            assert await store.audit_head() == AuditHead(2, prev)
+            assert (await verify_store(store))[:2] == (2, [])
+            assert (await store.get_tenant("acme")).incarnation == ""
+            assert await store.add_usage("acme", "2024-05-01", "base", 1, 1, 1, "") is True
+            assert await store.usage("acme") == [UsageRow("acme", "2024-05-01", "base", 1, 1, 1)]
+        finally:
+            await store.close()
 
     async def test_a_newer_database_is_refused(self, redis_server, redis_client) -> None:
         await redis_client.hset(PREFIX + "meta", "schema_version", "99")

@@ -254,6 +254,48 @@ async def test_edited_audit_entry_is_detected(world):
     assert not verdict["intact"] and "entry 2" in verdict["problems"][0]
 
 
+async def test_deleted_newest_audit_entry_is_detected(world):
+    db = sqlite3.connect(world.gateway.store.path)
+    db.execute("DELETE FROM audit WHERE seq = (SELECT MAX(seq) FROM audit)")
+    db.commit()
+    db.close()
+    verdict = (await world.client.get("/admin/audit/verify", headers=world.h("admin"))).json()
+    assert not verdict["intact"] and "entries were removed from its end" in verdict["problems"][0]
+
+
+async def test_a_recreated_tenant_starts_with_no_usage(world):
+    """Neither the deleted tenant's unwritten usage nor a request of its that ends after the
+    deletion lands on a new tenant with the same id."""
+    for _ in range(3):
+        r = await world.client.post(CHAT, json={"model": "b-bot", "messages": HELLO}, headers=world.h("b"))
+        assert r.status_code == 200
+    old_key = world.keys["b"]
+    async with world.client.stream("POST", CHAT, json={"model": BASE, "messages": HELLO, "stream": True},
+                                   headers=world.h("b")) as in_flight:
+        assert in_flight.status_code == 200
+        assert (await world.client.delete("/admin/tenants/b", headers=world.h("admin"))).status_code == 200
+        await world.setup_tenant("b")  # the same id again, with a new key
+        assert world.keys["b"] != old_key
+        body = "".join([part async for part in in_flight.aiter_text()])  # the old tenant's request ends now
+    assert body.endswith("data: [DONE]\n\n")
+    usage = (await world.client.get("/v1/usage", headers=world.h("b"))).json()
+    assert usage["data"] == [] and usage["total"]["requests"] == 0
+    assert (await world.client.get("/admin/tenants/b/usage", headers=world.h("admin"))).json()["data"] == []
+    r = await world.client.post(CHAT, json={"model": BASE, "messages": HELLO}, headers=world.h("b"))
+    assert r.status_code == 200
+    usage = (await world.client.get("/v1/usage", headers=world.h("b"))).json()
+    assert usage["total"]["requests"] == 1  # the new tenant's own requests count
+
+
+async def test_usage_counted_for_a_deleted_incarnation_is_dropped(world):
+    old = await world.gateway.auth.authenticate(f"Bearer {world.keys['b']}")
+    assert (await world.client.delete("/admin/tenants/b", headers=world.h("admin"))).status_code == 200
+    await world.setup_tenant("b")
+    world.gateway.usage.add("b", BASE, 7, 9, old.incarnation)  # a request of the old tenant, ending now
+    await world.gateway.usage.flush()
+    assert await world.gateway.store.usage("b") == []
+
+
 async def test_admin_lists_page(world):
     for i in range(3):
         await world.client.post("/admin/tenants", json={"id": f"t{i}"}, headers=world.h("admin"))
