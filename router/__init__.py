@@ -12,10 +12,10 @@ from .errors import EncoderClosed, InvalidExpertTable, RouterError
 from .hybrid import Router, RouterConfig
 from .keywords import KeywordClassifier
 from .neural import CentroidHead, NeuralClassifier
-from .types import Classifier, Decision, Expert, ExpertTable, Keyword
+from .types import Classifier, Decision, Expert, ExpertTable, Keyword, SkippedKeyword
 
 __all__ = [
     "CentroidHead", "Classifier", "Decision", "Encoder", "EncoderClosed", "Expert", "ExpertTable",
     "InvalidExpertTable", "Keyword", "KeywordClassifier", "NeuralClassifier", "Router",
-    "RouterConfig", "RouterError",
+    "RouterConfig", "RouterError", "SkippedKeyword",
 ]

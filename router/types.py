@@ -10,18 +10,22 @@ An :class:`ExpertTable` is what a tenant uploads (JSON)::
 Every type validates itself on construction and raises :class:`InvalidExpertTable` (a
 ``ValueError``) naming the offending field. Limits bound the work a table can cause per
 request: at most 32 experts, 200 keywords and 200 examples per expert, 2,000 characters per
-example. Regex keywords are tenant-supplied patterns run by Python's backtracking ``re``; the
-length limit keeps them small, but a pathological pattern can still be slow.
+example. Keyword patterns are tenant input, so they are matched by RE2 (``google-re2``), in time
+linear in the prompt whatever the pattern: RE2 has no backreferences or lookaround, and a regex
+keyword RE2 cannot compile, or that compiles to more than ``MAX_PATTERN_PROGRAM`` instructions,
+is rejected. A stored table is read back with :meth:`ExpertTable.from_stored`, which leaves out
+(and reports) the keywords an older version accepted and this one does not.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Protocol
+
+import re2
 
 from .errors import InvalidExpertTable
 
@@ -34,6 +38,12 @@ MAX_NAME_CHARS = 64
 MAX_ADAPTER_CHARS = 256
 MAX_DESCRIPTION_CHARS = 2000
 MAX_WEIGHT = 100.0
+#: RE2 instructions a regex keyword may compile to. Bounds its compile time (~0.3 µs per
+#: instruction) and its scan, which is linear but costs ~1.6 ns per instruction per prompt byte
+#: when RE2's DFA gives way to its NFA; Unicode classes (``\pL``) are ~1,200 instructions each
+MAX_PATTERN_PROGRAM = 4000
+#: memory RE2 may use per pattern, for its program and its DFA caches together
+PATTERN_MAX_MEM = 1 << 20
 
 METHODS = ("keyword", "neural", "default")
 
@@ -50,13 +60,81 @@ def _text(value: Any, path: str, limit: int, *, empty: bool = False) -> str:
     return value
 
 
+def _pattern_options() -> re2.Options:
+    options = re2.Options()
+    options.case_sensitive = False
+    options.never_capture = True  # only presence is tested: no submatches to track
+    options.log_errors = False  # RE2 would print every rejected pattern to stderr
+    options.max_mem = PATTERN_MAX_MEM
+    return options
+
+
+_PATTERN_OPTIONS = _pattern_options()
+
+
+def compile_pattern(source: str) -> re2._Regexp:
+    """``source`` compiled by RE2, case-insensitive, in bounded memory (match it against UTF-8
+    bytes). Raises ``ValueError`` saying why RE2 cannot, or will not, run it."""
+    try:
+        compiled = re2.compile(source, options=_PATTERN_OPTIONS)
+    except re2.error as exc:
+        reason = exc.args[0] if exc.args else "invalid pattern"
+        raise ValueError(reason.decode(errors="replace") if isinstance(reason, bytes) else str(reason)) from None
+    except UnicodeEncodeError:
+        raise ValueError("it holds a lone surrogate, which is not text") from None
+    return compiled
+
+
+def _quoted(pattern: str) -> str:
+    """``pattern`` for a message: quoted, and cut at 64 characters."""
+    return repr(pattern if len(pattern) <= 64 else pattern[:64] + "…")
+
+
+def _number(value: int | float) -> str:
+    """``value`` for a message; an integer beyond a float's range (JSON can carry ``10**400``)
+    is described by its size rather than spelled out."""
+    if isinstance(value, int) and abs(value) > 10**15:
+        return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
+    return str(value)
+
+
+def _check_weight(weight: Any) -> None:
+    """A number in (0, ``MAX_WEIGHT``]. Compared as it is, never converted to a float: an integer
+    too large for one would raise ``OverflowError``; NaN fails every comparison."""
+    _check(isinstance(weight, (int, float)) and not isinstance(weight, bool), "weight", "must be a number")
+    _check(0 < weight <= MAX_WEIGHT, "weight", f"{_number(weight)} is not in (0, {MAX_WEIGHT:g}]")
+
+
+def _check_regex(pattern: str) -> None:
+    """A regex keyword RE2 compiles, within the size limit, and that never matches empty text."""
+    shown = _quoted(pattern)
+    try:
+        compiled = compile_pattern(pattern)
+    except ValueError as exc:
+        raise InvalidExpertTable("pattern", f"regex {shown} is not supported: {exc}; patterns are matched "
+                                            "with RE2 (no backreferences or lookaround)") from None
+    size = compiled.programsize
+    _check(size <= MAX_PATTERN_PROGRAM, "pattern",
+           f"regex {shown} is too large: it compiles to {size} RE2 instructions; the limit is {MAX_PATTERN_PROGRAM}")
+    _check(compiled.search(b"") is None, "pattern", f"regex {shown} matches the empty string")
+
+
+def _check_plain(pattern: str) -> None:
+    """A plain keyword is escaped before RE2 sees it; only text UTF-8 cannot encode would fail."""
+    try:
+        pattern.encode()
+    except UnicodeEncodeError:
+        raise InvalidExpertTable("pattern", f"{_quoted(pattern)} holds a lone surrogate, which is not text") from None
+
+
 @dataclass(frozen=True)
 class Keyword:
     """A pattern that votes ``weight`` for its expert when it occurs in a prompt.
 
     Plain patterns match case-insensitively as whole words (``"math"`` does not match
-    ``"mathematics"``); ``regex=True`` patterns are Python regular expressions, matched
-    case-insensitively as written."""
+    ``"mathematics"``); ``regex=True`` patterns are RE2 regular expressions (Python's syntax
+    without backreferences or lookaround; ``\\w``, ``\\d`` and ``\\b`` are ASCII-only, ``\\pL``
+    and ``\\pN`` are any script's letters and digits), matched case-insensitively as written."""
 
     pattern: str
     weight: float = 1.0
@@ -64,16 +142,12 @@ class Keyword:
 
     def __post_init__(self) -> None:
         _text(self.pattern, "pattern", MAX_PATTERN_CHARS)
-        w = self.weight
-        _check(isinstance(w, (int, float)) and not isinstance(w, bool), "weight", "must be a number")
-        _check(math.isfinite(w) and 0 < w <= MAX_WEIGHT, "weight", f"{w} is not in (0, {MAX_WEIGHT:g}]")
+        _check_weight(self.weight)
         _check(isinstance(self.regex, bool), "regex", "must be true or false")
         if self.regex:
-            try:
-                compiled = re.compile(self.pattern, re.IGNORECASE)
-            except re.error as exc:
-                raise InvalidExpertTable("pattern", f"invalid regex {self.pattern!r}: {exc}") from None
-            _check(compiled.search("") is None, "pattern", f"regex {self.pattern!r} matches the empty string")
+            _check_regex(self.pattern)
+        else:
+            _check_plain(self.pattern)
 
     @classmethod
     def from_dict(cls, d: Any) -> Keyword:
@@ -87,6 +161,25 @@ class Keyword:
 
     def to_dict(self) -> dict[str, Any]:
         return {"pattern": self.pattern, "weight": self.weight, "regex": self.regex}
+
+
+@dataclass(frozen=True)
+class SkippedKeyword:
+    """A stored keyword that :meth:`ExpertTable.from_stored` left out of the table, and why."""
+
+    expert: str
+    pattern: str
+    reason: str
+
+    @classmethod
+    def of(cls, expert: str, raw: Any, error: InvalidExpertTable) -> SkippedKeyword:
+        pattern = raw.get("pattern") if isinstance(raw, dict) else raw
+        pattern = pattern if isinstance(pattern, str) else ""
+        # a lone surrogate would break the JSON that reports it
+        return cls(expert, pattern.encode(errors="backslashreplace").decode(), str(error))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"expert": self.expert, "pattern": self.pattern, "reason": self.reason}
 
 
 @dataclass(frozen=True)
@@ -119,13 +212,16 @@ class Expert:
             _text(example, f"examples[{i}]", MAX_EXAMPLE_CHARS)
 
     @classmethod
-    def from_dict(cls, d: Any) -> Expert:
+    def from_dict(cls, d: Any, *, skipped: list[SkippedKeyword] | None = None) -> Expert:
+        """The expert ``d`` describes. With a ``skipped`` list, a keyword that does not validate
+        is appended to it and left out instead of failing the expert."""
         _check(isinstance(d, dict), "", "an expert must be an object")
         allowed = {"name", "adapter", "description", "keywords", "examples"}
         unknown = sorted(set(d) - allowed)
         _check(not unknown, "", f"unknown field(s) {unknown}")
         for required in ("name", "adapter"):
             _check(required in d, required, "is required")
+        name = _text(d["name"], "name", MAX_NAME_CHARS)
         keywords, examples = d.get("keywords", []), d.get("examples", [])
         _check(isinstance(keywords, list), "keywords", "must be a list")
         _check(isinstance(examples, list), "examples", "must be a list")
@@ -135,8 +231,10 @@ class Expert:
             try:
                 parsed.append(Keyword.from_dict(kw))
             except InvalidExpertTable as exc:
-                raise exc.under(f"keywords[{i}]") from None
-        return cls(d["name"], d["adapter"], d.get("description", ""), tuple(parsed), tuple(examples))
+                if skipped is None:
+                    raise exc.under(f"keywords[{i}]") from None
+                skipped.append(SkippedKeyword.of(name, kw, exc))
+        return cls(name, d["adapter"], d.get("description", ""), tuple(parsed), tuple(examples))
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "adapter": self.adapter, "description": self.description,
@@ -164,7 +262,8 @@ class ExpertTable:
             _check(self.default in names, "default", f"{self.default!r} is not the name of an expert")
 
     @classmethod
-    def from_dict(cls, d: Any) -> ExpertTable:
+    def from_dict(cls, d: Any, *, skipped: list[SkippedKeyword] | None = None) -> ExpertTable:
+        """The table ``d`` describes; ``skipped`` as in :meth:`Expert.from_dict`."""
         _check(isinstance(d, dict), "", "an expert table must be an object")
         unknown = sorted(set(d) - {"default", "experts"})
         _check(not unknown, "", f"unknown field(s) {unknown}")
@@ -174,10 +273,22 @@ class ExpertTable:
         parsed = []
         for i, e in enumerate(experts):
             try:
-                parsed.append(Expert.from_dict(e))
+                parsed.append(Expert.from_dict(e, skipped=skipped))
             except InvalidExpertTable as exc:
                 raise exc.under(f"experts[{i}]") from None
         return cls(tuple(parsed), d.get("default"))
+
+    @classmethod
+    def from_stored(cls, d: Any) -> tuple[ExpertTable, list[SkippedKeyword]]:
+        """A table read back from the store, and the keywords left out of it.
+
+        The store holds what the version that wrote it validated, and validation changes
+        between versions (a regex with a backreference, which RE2 cannot compile, say). Failing
+        the whole table would fail every ``auto`` request of the tenant, so a keyword that does
+        not validate is left out and reported; anything else wrong still raises
+        :class:`InvalidExpertTable`."""
+        skipped: list[SkippedKeyword] = []
+        return cls.from_dict(d, skipped=skipped), skipped
 
     def to_dict(self) -> dict[str, Any]:
         return {"default": self.default, "experts": [e.to_dict() for e in self.experts]}
