@@ -121,11 +121,16 @@ class TenantApi:
 
     # experts and model "auto" ----------------------------------------------------------------
     async def get_experts(self, request: Request) -> Response:
+        """The table as the router serves it; ``skipped_keywords`` lists stored keywords this
+        version no longer accepts (and leaves out), so the tenant can see what to fix."""
         _, tenant = await self._caller(request)
-        table = await self.auto.table(tenant)
-        if table is None:
+        served = await self.auto.served(tenant)
+        if served is None:
             raise errors.NotFound("No expert table: PUT /v1/experts to create one.", code="no_expert_table")
-        return JSONResponse({"object": "expert_table", **table.to_dict()})
+        view = {"object": "expert_table", **served.table.to_dict()}
+        if served.skipped:
+            view["skipped_keywords"] = [kw.to_dict() for kw in served.skipped]
+        return JSONResponse(view)
 
     async def put_experts(self, request: Request) -> Response:
         principal, tenant = await self._caller(request, "tenant-admin")

@@ -1,13 +1,18 @@
 """``model: "auto"``: the tenant's expert table (in the store) and the router package pick the
-adapter. The sentence encoder loads on first use, off the event loop, once per gateway."""
+adapter. The sentence encoder loads on first use, off the event loop, once per gateway.
+
+A stored table is validated again when read, by the running version, once per stored version:
+keywords it no longer accepts are left out and logged (see :meth:`ExpertTable.from_stored`), and
+a table that no longer validates at all answers ``invalid_expert_table`` until it is replaced."""
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
-from router import Decision, Encoder, ExpertTable, Router
+from router import Decision, Encoder, ExpertTable, Router, SkippedKeyword
 
 from . import errors
 from .store import Store
@@ -16,12 +21,40 @@ log = logging.getLogger("tensafe.gateway")
 AUTO = "auto"
 
 
+@dataclass(frozen=True)
+class ServedTable:
+    """A tenant's table as the router serves it, and the stored keywords left out of it."""
+
+    table: ExpertTable
+    skipped: tuple[SkippedKeyword, ...] = ()
+
+
+def parse_stored(tenant: str, raw: dict[str, Any]) -> ServedTable | Exception:
+    """``raw`` read leniently, or why it cannot be served. Logs what it leaves out: the tenant,
+    the expert and the first 64 characters of the pattern (prompts are never logged)."""
+    try:
+        table, skipped = ExpertTable.from_stored(raw)
+    except (ValueError, TypeError) as exc:  # InvalidExpertTable, or a shape validation did not foresee
+        log.warning("expert table of tenant %s does not validate: %s", tenant, str(exc)[:300])
+        return exc
+    for kw in skipped:
+        log.warning("expert table of tenant %s: skipped keyword %r of expert %r: %s", tenant, kw.pattern[:64],
+                    kw.expert, kw.reason)
+    return ServedTable(table, tuple(skipped))
+
+
+def invalid_table(problem: Exception) -> errors.InvalidRequest:
+    return errors.InvalidRequest(f"Your stored expert table no longer validates ({str(problem)[:300]}); "
+                                 "PUT /v1/experts a new one.", code="invalid_expert_table")
+
+
 class AutoRouter:
     def __init__(self, store: Store) -> None:
         self.store = store
         self._router: Router | None = None
         self._loading = asyncio.Lock()
-        self._tables: dict[str, tuple[dict[str, Any], ExpertTable]] = {}  # tenant -> (stored, parsed)
+        # tenant -> (stored, parsed or why not): each stored version is parsed and logged once
+        self._tables: dict[str, tuple[dict[str, Any], ServedTable | Exception]] = {}
 
     async def router(self) -> Router:
         if self._router is None:
@@ -33,15 +66,23 @@ class AutoRouter:
                     log.info("router encoder loaded in %.1fs", time.perf_counter() - t0)
         return self._router
 
-    async def table(self, tenant: str) -> ExpertTable | None:
+    async def served(self, tenant: str) -> ServedTable | None:
+        """The tenant's table as served (``None``: it has none); a stored table that no longer
+        validates is an ``invalid_expert_table`` error, never a 500."""
         raw = await self.store.get_experts(tenant)
         if raw is None:
             return None
         cached = self._tables.get(tenant)
         if cached is None or cached[0] != raw:
-            cached = (raw, ExpertTable.from_dict(raw))
+            cached = (raw, parse_stored(tenant, raw))
             self._tables[tenant] = cached
+        if isinstance(cached[1], Exception):
+            raise invalid_table(cached[1])
         return cached[1]
+
+    async def table(self, tenant: str) -> ExpertTable | None:
+        served = await self.served(tenant)
+        return None if served is None else served.table
 
     async def decide(self, tenant: str | None, text: str) -> Decision:
         if tenant is None:
