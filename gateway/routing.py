@@ -74,7 +74,7 @@ class AutoRouter:
             return None
         cached = self._tables.get(tenant)
         if cached is None or cached[0] != raw:
-            cached = (raw, parse_stored(tenant, raw))
+            cached = (raw, await asyncio.to_thread(parse_stored, tenant, raw))  # compiles its patterns
             self._tables[tenant] = cached
         if isinstance(cached[1], Exception):
             raise invalid_table(cached[1])

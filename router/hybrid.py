@@ -4,7 +4,7 @@ table's default expert (or the base model).
 Policy, for one prompt:
 
 1. keyword decision with confidence >= ``keyword_threshold``: it wins, and the prompt is
-   never encoded (the fast path, well under a millisecond);
+   never encoded (the fast path: a thread hop and well under a millisecond of matching);
 2. otherwise the neural probabilities, optionally blended with the keyword vote shares
    (``p = (1 - blend) * p_neural + blend * p_keyword``); top probability >=
    ``neural_threshold``: that expert (method ``"neural"``);
@@ -20,6 +20,7 @@ unchanged one never is. At most ``cache_size`` tenants are kept (least recently 
 """
 from __future__ import annotations
 
+import asyncio
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -99,13 +100,21 @@ class Router:
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self.fits = 0  # tables compiled and fitted (cache misses)
 
-    def classifiers(self, tenant: str, table: ExpertTable) -> tuple[KeywordClassifier, NeuralClassifier]:
-        """The tenant's classifiers for ``table``: cached while the table is unchanged."""
+    def stale(self, tenant: str, table: ExpertTable) -> bool:
+        entry = self._entries.get(tenant)
+        return entry is None or entry.fingerprint != table.fingerprint
+
+    def classifiers(self, tenant: str, table: ExpertTable, keywords: KeywordClassifier | None = None
+                    ) -> tuple[KeywordClassifier, NeuralClassifier]:
+        """The tenant's classifiers for ``table``: cached while the table is unchanged.
+        ``keywords``: the table's keyword rules, already compiled (elsewhere than the event loop)."""
         fingerprint = table.fingerprint
         entry = self._entries.get(tenant)
         if entry is None or entry.fingerprint != fingerprint:
             cfg = self.config
-            entry = _Entry(fingerprint, KeywordClassifier(table, evidence=cfg.evidence),
+            if keywords is None or keywords.table is not table:
+                keywords = KeywordClassifier(table, evidence=cfg.evidence)
+            entry = _Entry(fingerprint, keywords,
                            NeuralClassifier(self.encoder, table, temperature=cfg.temperature,
                                             include_keywords=cfg.include_keywords))
             self._entries[tenant] = entry
@@ -116,8 +125,14 @@ class Router:
         return entry.keyword, entry.neural
 
     async def route(self, tenant: str, table: ExpertTable, text: str) -> Decision:
-        keywords, neural = self.classifiers(tenant, table)
-        keyword = keywords.decide(text)
+        """Keyword rules first (compiled on a table's first use and matched in a worker thread:
+        a tenant's patterns, however costly within their limits, never hold up the event loop;
+        RE2 releases the GIL while it scans), then the neural head."""
+        compiled = None
+        if self.stale(tenant, table):
+            compiled = await asyncio.to_thread(KeywordClassifier, table, evidence=self.config.evidence)
+        keywords, neural = self.classifiers(tenant, table, compiled)
+        keyword = await asyncio.to_thread(keywords.decide, text)
         if keyword_wins(keyword, self.config):
             return keyword
         head = await neural.head()

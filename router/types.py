@@ -13,7 +13,7 @@ request: at most 32 experts, 200 keywords and 200 examples per expert, 2,000 cha
 example. Keyword patterns are tenant input, so they are matched by RE2 (``google-re2``), in time
 linear in the prompt whatever the pattern: RE2 has no backreferences or lookaround, and a regex
 keyword RE2 cannot compile, or that compiles to more than ``MAX_PATTERN_PROGRAM`` instructions,
-is rejected. A stored table is read back with :meth:`ExpertTable.from_stored`, which leaves out
+is rejected, and so is a table whose regexes pass ``MAX_TABLE_PROGRAM`` instructions together. A stored table is read back with :meth:`ExpertTable.from_stored`, which leaves out
 (and reports) the keywords an older version accepted and this one does not.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any, Protocol
 
@@ -42,6 +42,10 @@ MAX_WEIGHT = 100.0
 #: instruction) and its scan, which is linear but costs ~1.6 ns per instruction per prompt byte
 #: when RE2's DFA gives way to its NFA; Unicode classes (``\pL``) are ~1,200 instructions each
 MAX_PATTERN_PROGRAM = 4000
+#: RE2 instructions all regex keywords of one table may compile to together: what bounds the
+#: work one tenant's table costs per request (a table at the limit scans an 8,000-character
+#: prompt in tens of milliseconds at worst, off the event loop) and per compile
+MAX_TABLE_PROGRAM = 10_000
 #: memory RE2 may use per pattern, for its program and its DFA caches together
 PATTERN_MAX_MEM = 1 << 20
 
@@ -105,8 +109,9 @@ def _check_weight(weight: Any) -> None:
     _check(0 < weight <= MAX_WEIGHT, "weight", f"{_number(weight)} is not in (0, {MAX_WEIGHT:g}]")
 
 
-def _check_regex(pattern: str) -> None:
-    """A regex keyword RE2 compiles, within the size limit, and that never matches empty text."""
+def _check_regex(pattern: str) -> int:
+    """A regex keyword RE2 compiles, within the size limit, and that never matches empty text;
+    returns its program size."""
     shown = _quoted(pattern)
     try:
         compiled = compile_pattern(pattern)
@@ -117,6 +122,7 @@ def _check_regex(pattern: str) -> None:
     _check(size <= MAX_PATTERN_PROGRAM, "pattern",
            f"regex {shown} is too large: it compiles to {size} RE2 instructions; the limit is {MAX_PATTERN_PROGRAM}")
     _check(compiled.search(b"") is None, "pattern", f"regex {shown} matches the empty string")
+    return size
 
 
 def _check_plain(pattern: str) -> None:
@@ -139,13 +145,15 @@ class Keyword:
     pattern: str
     weight: float = 1.0
     regex: bool = False
+    #: RE2 instructions the regex compiles to (0 for plain patterns); counted against the table
+    program_size: int = field(default=0, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         _text(self.pattern, "pattern", MAX_PATTERN_CHARS)
         _check_weight(self.weight)
         _check(isinstance(self.regex, bool), "regex", "must be true or false")
         if self.regex:
-            _check_regex(self.pattern)
+            object.__setattr__(self, "program_size", _check_regex(self.pattern))
         else:
             _check_plain(self.pattern)
 
@@ -241,6 +249,23 @@ class Expert:
                 "keywords": [kw.to_dict() for kw in self.keywords], "examples": list(self.examples)}
 
 
+def _within_budget(experts: list[Expert], skipped: list[SkippedKeyword]) -> list[Expert]:
+    """``experts`` with the regex keywords, in table order, that would take the table past
+    MAX_TABLE_PROGRAM left out (and appended to ``skipped``)."""
+    used, out = 0, []
+    for expert in experts:
+        kept = []
+        for kw in expert.keywords:
+            if used + kw.program_size > MAX_TABLE_PROGRAM:
+                skipped.append(SkippedKeyword(expert.name, kw.pattern, f"the table's regex keywords pass the limit "
+                                              f"of {MAX_TABLE_PROGRAM} RE2 instructions in all"))
+                continue
+            used += kw.program_size
+            kept.append(kw)
+        out.append(expert if len(kept) == len(expert.keywords) else replace(expert, keywords=tuple(kept)))
+    return out
+
+
 @dataclass(frozen=True)
 class ExpertTable:
     """A tenant's experts and the one to fall back on (``None``: the base model)."""
@@ -260,6 +285,9 @@ class ExpertTable:
         if self.default is not None:
             _check(isinstance(self.default, str), "default", "must be a string or null")
             _check(self.default in names, "default", f"{self.default!r} is not the name of an expert")
+        total = sum(kw.program_size for expert in self.experts for kw in expert.keywords)
+        _check(total <= MAX_TABLE_PROGRAM, "experts", f"the regex keywords compile to {total} RE2 instructions "
+               f"in all; the limit per table is {MAX_TABLE_PROGRAM} (fewer or simpler regexes, or plain keywords)")
 
     @classmethod
     def from_dict(cls, d: Any, *, skipped: list[SkippedKeyword] | None = None) -> ExpertTable:
@@ -276,6 +304,8 @@ class ExpertTable:
                 parsed.append(Expert.from_dict(e, skipped=skipped))
             except InvalidExpertTable as exc:
                 raise exc.under(f"experts[{i}]") from None
+        if skipped is not None:
+            parsed = _within_budget(parsed, skipped)
         return cls(tuple(parsed), d.get("default"))
 
     @classmethod

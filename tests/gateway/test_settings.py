@@ -47,18 +47,19 @@ def test_secret_files_are_private(tmp_path):
 
 
 async def test_usage_rows_the_store_refuses_wait_for_the_next_flush(tmp_path):
-    from gateway.store import open_store
+    from gateway.store import Tenant, open_store
     from gateway.usage import UsageRecorder, today
 
     store = open_store(f"sqlite:///{tmp_path / 'u.db'}")
     await store.init()
+    await store.create_tenant(Tenant("t", "T", 0, incarnation="i1"))
     recorder = UsageRecorder(store)
-    recorder.add("t", "m", 10, 5)
-    recorder.add("t", "m", 1, 2)
+    recorder.add("t", "m", 10, 5, "i1")
+    recorder.add("t", "m", 1, 2, "i1")
     await store.close()  # the store is unavailable: the flush fails ...
     with pytest.raises(RuntimeError):
         await recorder.flush()
-    recorder.add("t", "m", 100, 0)
+    recorder.add("t", "m", 100, 0, "i1")
     await store.init()
     await recorder.flush()  # ... and nothing counted is lost
     rows = await store.usage("t")

@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 
 from router import Expert, ExpertTable, InvalidExpertTable, Keyword, KeywordClassifier, SkippedKeyword
 from router.keywords import compile_keyword
-from router.types import MAX_PATTERN_CHARS, MAX_PATTERN_PROGRAM
+from router.types import MAX_PATTERN_CHARS, MAX_PATTERN_PROGRAM, MAX_TABLE_PROGRAM
 
 
 def one_expert(*keywords: Keyword) -> ExpertTable:
@@ -178,3 +178,31 @@ def test_from_stored_still_fails_a_table_broken_beyond_keywords():
         ExpertTable.from_stored({"experts": "nope"})
     with pytest.raises(InvalidExpertTable, match="default"):
         ExpertTable.from_stored({**raw_keyword_table("x"), "default": "missing"})
+
+
+def _costly_table(regexes: int) -> dict:
+    """A table whose regex keywords together pass the per-table budget (each is well within the
+    per-pattern limit)."""
+    pattern = "(x|y)" + "[a-f]{1,40}"
+    size = Keyword(pattern, regex=True).program_size
+    assert 0 < size <= MAX_PATTERN_PROGRAM
+    per_expert = MAX_TABLE_PROGRAM // size // 4 + 1
+    experts = [{"name": f"e{i}", "adapter": "a",
+                "keywords": [{"pattern": f"{pattern}{i}_{j}", "regex": True} for j in range(per_expert)]}
+               for i in range(regexes)]
+    return {"experts": experts}
+
+
+def test_a_table_whose_regexes_pass_the_budget_together_is_rejected():
+    with pytest.raises(InvalidExpertTable) as caught:
+        ExpertTable.from_dict(_costly_table(4))
+    assert f"the limit per table is {MAX_TABLE_PROGRAM}" in str(caught.value)
+    assert ExpertTable.from_dict(_costly_table(3)).experts  # just under it is fine
+
+
+def test_from_stored_keeps_regexes_up_to_the_budget_and_reports_the_rest():
+    table, skipped = ExpertTable.from_stored(_costly_table(4))
+    total = sum(kw.program_size for e in table.experts for kw in e.keywords)
+    assert 0 < total <= MAX_TABLE_PROGRAM
+    assert skipped and all("RE2 instructions in all" in s.reason for s in skipped)
+    assert {s.expert for s in skipped} == {"e3"}  # kept in table order, the last ones left out
