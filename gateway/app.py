@@ -2,7 +2,6 @@
 every error to OpenAI's shape in one place. Nothing imports this module."""
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import logging
@@ -36,6 +35,7 @@ from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import BackendCollector, CacheCollector, Metrics
 from .middleware import GatewayMiddleware
 from .models import ModelTable
+from .periodic import Periodic
 from .protocol import responses as wire
 from .quotas import InProcessQuotas, Quotas, RedisQuotas
 from .residency import BackendSlots, StoredPackages
@@ -128,7 +128,7 @@ class Gateway:
         self.tenant_api: TenantApi | None = None
         self.admin_api: AdminApi | None = None
         self.boot: Bootstrapped | None = None
-        self._sweeper: asyncio.Task | None = None
+        self._sweeper = Periodic("blob-sweep", max(settings.orphan_grace_s, 60.0), self._sweep_logged)
         self.metrics = Metrics()
         self.metrics.add_collector(CacheCollector(lambda: self.cache.stats() if self.cache is not None else None))
         self.metrics.add_collector(BackendCollector(backend))
@@ -160,7 +160,7 @@ class Gateway:
                                   max_body_bytes=s.max_body_bytes)
         self.boot = await self._bootstrap()
         await self.sweep_blobs()
-        self._sweeper = asyncio.create_task(self._sweep_periodically(), name="blob-sweep")
+        self._sweeper.start()
         self.usage.start()
         self.store_health.start()
         self.ready = True
@@ -171,13 +171,11 @@ class Gateway:
         if removed:
             log.warning("removed %d file(s) a crash left in the blob store: %s", len(removed), ", ".join(removed))
 
-    async def _sweep_periodically(self) -> None:
-        while True:
-            await asyncio.sleep(max(self.settings.orphan_grace_s, 60.0))
-            try:
-                await self.sweep_blobs()
-            except StoreUnavailable as exc:
-                log.warning("blob sweep postponed: %s", exc)
+    async def _sweep_logged(self) -> None:
+        try:
+            await self.sweep_blobs()
+        except StoreUnavailable as exc:
+            log.warning("blob sweep postponed: %s", exc)
 
     def _registry_changed(self) -> None:
         """A key was revoked, a tenant changed or went, or an adapter was deleted: what the
@@ -211,10 +209,7 @@ class Gateway:
 
     async def stop(self) -> None:
         self.ready = False
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+        await self._sweeper.stop()
         await self.store_health.stop()
         await self.usage.stop()
         await self.auto.close()

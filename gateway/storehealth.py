@@ -10,8 +10,6 @@ gateway into no gateway at all.
 """
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
@@ -19,6 +17,7 @@ from typing import Any
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from .periodic import Periodic
 from .store import StoreUnavailable
 
 log = logging.getLogger("tensafe.gateway")
@@ -29,7 +28,7 @@ class StoreHealth:
         self.checks = checks  # store name -> its ping
         self.interval_s = interval_s
         self.up: dict[str, bool] = {name: True for name in checks}
-        self._task: asyncio.Task | None = None
+        self._checker = Periodic("store-health", interval_s, self.check)
 
     def mark_down(self, store: str, reason: str) -> None:
         if self.up.get(store, False):
@@ -54,21 +53,11 @@ class StoreHealth:
     def ok(self) -> bool:
         return all(self.up.values())
 
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval_s)
-            await self.check()
-
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="store-health")
+        self._checker.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._checker.stop()
 
 
 class StoreCollector(Collector):

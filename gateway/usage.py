@@ -2,13 +2,12 @@
 and written to the store in batches, so the hot path never waits on the store."""
 from __future__ import annotations
 
-import asyncio
 import collections
-import contextlib
 import datetime
 import logging
 import time
 
+from .periodic import Periodic
 from .store import Store, StoreUnavailable
 
 log = logging.getLogger("tensafe.gateway")
@@ -35,7 +34,7 @@ class UsageRecorder:
         self.interval_s = interval_s
         #: (tenant, incarnation, day, model) -> [requests, prompt tokens, completion tokens] not yet written
         self._pending: dict[tuple[str, str, str, str], list[int]] = collections.defaultdict(lambda: [0, 0, 0])
-        self._task: asyncio.Task | None = None
+        self._flusher = Periodic("usage-flush", interval_s, self._flush_logged)
 
     def add(self, tenant: str, model: str, prompt_tokens: int, completion_tokens: int, incarnation: str = "") -> None:
         """Count one request of ``tenant`` as it is in ``incarnation`` (the principal's): if the
@@ -66,24 +65,17 @@ class UsageRecorder:
                         row[j] += value
                 raise
 
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval_s)
-            try:
-                await self.flush()
-            except StoreUnavailable as exc:  # an outage: the rows wait for the next flush
-                log.warning("usage flush postponed: %s", exc)
-            except Exception:  # noqa: BLE001 - keep counting; the unwritten rows wait for the next flush
-                log.exception("usage flush failed")
+    async def _flush_logged(self) -> None:
+        try:
+            await self.flush()
+        except StoreUnavailable as exc:  # an outage: the rows wait for the next flush
+            log.warning("usage flush postponed: %s", exc)
+        except Exception:  # noqa: BLE001 - keep counting; the unwritten rows wait for the next flush
+            log.exception("usage flush failed")
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="usage-flush")
+        self._flusher.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._flusher.stop()
         await self.flush()
