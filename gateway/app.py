@@ -22,33 +22,34 @@ from cache import AdapterCache
 from cache.tssp import TsspSource
 
 from . import errors
-from .jsonresponse import JSONResponse
-from .api_admin import AdminApi
-from .api_tenant import TenantApi
-from .auth import Authenticator, Principal
+from .api.admin import AdminApi
+from .api.jsonresponse import JSONResponse
+from .api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .api.metrics import BackendCollector, CacheCollector, Metrics, StoreCollector
+from .api.middleware import GatewayMiddleware
+from .api.tenant import TenantApi
 from .backends import Backend, LoraConfig, create_backend
-from .blobs import BlobStore
-from .bootstrap import Bootstrapped, ensure_admin_key, ensure_default_tenant_key, ensure_demo
-from .generation import Completions
-from .keyprovider import PROVIDERS
-from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from .metrics import BackendCollector, CacheCollector, Metrics
-from .middleware import GatewayMiddleware
-from .models import ModelTable
 from .periodic import Periodic
 from .protocol import responses as wire
-from .quotas import InProcessQuotas, Quotas, RedisQuotas
-from .residency import BackendSlots, StoredPackages
-from .routing import AutoRouter
+from .serving.auto import AutoRouter
+from .serving.completions import Completions
+from .serving.names import ModelTable
+from .serving.slots import BackendSlots
 from .settings import Settings
 from .store import StoreUnavailable, open_store
+from .store.health import StoreHealth
 from .store.outage import redis_client
-from .storehealth import StoreCollector, StoreHealth
-from .tenancy import Tenancy
-from .usage import UsageRecorder
+from .tenancy.auth import Authenticator, Principal
+from .tenancy.blobs import BlobStore
+from .tenancy.bootstrap import Bootstrapped, ensure_admin_key, ensure_default_tenant_key, ensure_demo
+from .tenancy.keyprovider import PROVIDERS
+from .tenancy.packages import StoredPackages
+from .tenancy.quotas import InProcessQuotas, Quotas, RedisQuotas
+from .tenancy.service import Tenancy
+from .tenancy.usage import UsageRecorder
 
 if TYPE_CHECKING:
-    from .oidc import OidcVerifier
+    from .tenancy.oidc import OidcVerifier
 
 log = logging.getLogger("tensafe.gateway")
 
@@ -325,7 +326,7 @@ class Gateway:
 def _oidc(settings: Settings) -> "OidcVerifier | None":
     if not (settings.oidc_issuer and settings.oidc_audience and (settings.oidc_jwks_url or settings.oidc_jwks_file)):
         return None
-    from .oidc import OidcConfig, OidcVerifier
+    from .tenancy.oidc import OidcConfig, OidcVerifier
 
     return OidcVerifier(OidcConfig(issuer=settings.oidc_issuer, audience=settings.oidc_audience,
                                    jwks_url=settings.oidc_jwks_url or None, jwks_file=settings.oidc_jwks_file or None,

@@ -17,7 +17,6 @@ from .app import Gateway, create_app
 from .http_protocol import GatewayHttpProtocol
 from .settings import Settings
 
-
 GC_YOUNG_THRESHOLD = 5000
 
 

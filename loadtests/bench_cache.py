@@ -33,7 +33,7 @@ from engine import EngineConfig, GenerationRequest, SamplingParams
 from engine.config import DEFAULT_MODEL, default_cache_dir
 from engine.model.checkpoint import resolve_checkpoint
 from gateway.backends.embedded import EmbeddedBackend
-from gateway.residency import BackendSlots
+from gateway.serving.slots import BackendSlots
 from gateway.server import settle_gc
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

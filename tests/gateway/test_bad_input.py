@@ -8,7 +8,7 @@ import urllib.parse
 
 import pytest
 
-from gateway.jsonresponse import JSONResponse
+from gateway.api.jsonresponse import JSONResponse
 
 from .conftest import BASE, validate
 from .test_tenancy import CHAT, HELLO, world  # noqa: F401 - the fixture

@@ -6,7 +6,7 @@ import stat
 import pytest
 
 from adapters.keys import generate_recipient_key
-from gateway.keyprovider import DirectoryKeyProvider, EnvKeyProvider, KeyProviderError
+from gateway.tenancy.keyprovider import DirectoryKeyProvider, EnvKeyProvider, KeyProviderError
 
 
 def test_directory_provider_creates_private_files_once_and_rotates(tmp_path):

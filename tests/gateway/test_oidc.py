@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from gateway.errors import AuthenticationFailed
-from gateway.oidc import OidcConfig, OidcIdentity, OidcVerifier
+from gateway.tenancy.oidc import OidcConfig, OidcIdentity, OidcVerifier
 from tests.gateway.conftest import Server
 
 NOW = 1_700_000_000

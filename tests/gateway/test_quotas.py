@@ -8,7 +8,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway.errors import RateLimited
-from gateway.quotas import Admission, InProcessQuotas, QuotaLimits, RedisQuotas
+from gateway.tenancy.quotas import Admission, InProcessQuotas, QuotaLimits, RedisQuotas
 from tests.gateway.conftest import validate
 
 

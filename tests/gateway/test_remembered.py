@@ -8,11 +8,11 @@ import time
 
 import pytest
 
-from gateway.auth import Authenticator, Principal
+from gateway.tenancy.auth import Authenticator, Principal
 from gateway.errors import AuthenticationFailed, ModelNotFound, PermissionDenied
-from gateway.models import ModelTable
+from gateway.serving.names import ModelTable
 from gateway.store import AdapterRecord, Tenant
-from gateway.remembered import Remembered
+from gateway.tenancy.remembered import Remembered
 from gateway.store.sqlite import SqliteStore
 
 

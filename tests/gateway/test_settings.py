@@ -4,7 +4,7 @@ import stat
 
 import pytest
 
-from gateway.auth import write_secret_file
+from gateway.tenancy.auth import write_secret_file
 from gateway.settings import Settings, SettingsError
 
 
@@ -48,7 +48,7 @@ def test_secret_files_are_private(tmp_path):
 
 async def test_usage_rows_the_store_refuses_wait_for_the_next_flush(tmp_path):
     from gateway.store import Tenant, open_store
-    from gateway.usage import UsageRecorder, today
+    from gateway.tenancy.usage import UsageRecorder, today
 
     store = open_store(f"sqlite:///{tmp_path / 'u.db'}")
     await store.init()
@@ -70,7 +70,7 @@ async def test_usage_rows_the_store_refuses_wait_for_the_next_flush(tmp_path):
 def test_usage_day_is_the_utc_date_on_both_sides_of_midnight():
     import datetime
 
-    from gateway.usage import today
+    from gateway.tenancy.usage import today
 
     midnight = datetime.datetime(2026, 3, 1, tzinfo=datetime.UTC).timestamp()
     assert today(midnight - 0.001) == "2026-02-28"

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from gateway.app import create_app
 from gateway.backends import BackendRequest, Message, Sampling
 from gateway.protocol.responses import completion
-from gateway.streaming import ChunkTemplate
+from gateway.serving.streaming import ChunkTemplate
 
 from .conftest import API_KEY, Server, validate
 from .conftest import settings as gateway_settings

@@ -19,7 +19,7 @@ from adapters.peft import PeftAdapterConfig
 from adapters.validate import lora_tensor_name
 
 from .auth import write_secret_file
-from .tenancy import Tenancy
+from .service import Tenancy
 
 log = logging.getLogger("tensafe.gateway")
 ACTOR = "bootstrap"

@@ -12,10 +12,10 @@ import dataclasses
 import time
 from collections.abc import Callable
 
-from .auth import Principal
-from .errors import ModelNotFound
-from .remembered import Remembered
-from .store import Store
+from ..errors import ModelNotFound
+from ..store import Store
+from ..tenancy.auth import Principal
+from ..tenancy.remembered import Remembered
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -7,11 +7,11 @@ import sys
 import typing
 from typing import TYPE_CHECKING
 
-from .settings import Settings, SettingsError
+from ..settings import Settings, SettingsError
 
 if TYPE_CHECKING:
-    from .app import Gateway
-    from .bootstrap import Bootstrapped
+    from ..app import Gateway
+    from ..tenancy.bootstrap import Bootstrapped
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -63,7 +63,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"tensafe serve: {exc}", file=sys.stderr)
         return 2
-    from .server import run
+    from ..server import run
 
     def on_ready(gateway: Gateway) -> None:
         if settings.dev:

@@ -7,8 +7,8 @@ import datetime
 import logging
 import time
 
-from .periodic import Periodic
-from .store import Store, StoreUnavailable
+from ..periodic import Periodic
+from ..store import Store, StoreUnavailable
 
 log = logging.getLogger("tensafe.gateway")
 

@@ -11,17 +11,16 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from adapters.keys import recipient_key_entry
-
-from . import errors
-from .jsonresponse import JSONResponse
-from .auth import Principal
 from router import ExpertTable
 
+from .. import errors
+from ..protocol import parse_chat
+from ..serving.auto import AUTO, AutoRouter, decision_view, routing_text
+from ..tenancy.auth import Principal
+from ..tenancy.service import Tenancy
+from ..tenancy.usage import UsageRecorder
 from .bodies import read_body, read_object, scopes_field
-from .protocol import parse_chat
-from .routing import AUTO, AutoRouter, decision_view, routing_text
-from .tenancy import Tenancy
-from .usage import UsageRecorder
+from .jsonresponse import JSONResponse
 from .views import adapter_view, key_view, page, page_params, signing_key_view, usage_view
 
 Authenticate = Callable[[Request], Awaitable[Principal]]

@@ -22,19 +22,19 @@ from starlette.responses import Response
 
 from cache import AdapterCache, CacheError, UnknownAdapter
 
-from . import errors
-from .jsonresponse import JSONResponse
-from .auth import Principal
-from .backends import errors as backend_errors
-from .backends.base import Backend, BackendChunk, BackendRequest, Message, Sampling
-from .bodies import read_json
-from .models import ModelTable, Route
-from .protocol import ChatRequest, CompletionRequest, parse_chat, parse_completion
-from .protocol import responses as wire
-from .quotas import Quotas
-from .routing import AUTO, AutoRouter, routing_text
+from .. import errors
+from ..api.bodies import read_json
+from ..api.jsonresponse import JSONResponse
+from ..backends import errors as backend_errors
+from ..backends.base import Backend, BackendChunk, BackendRequest, Message, Sampling
+from ..protocol import ChatRequest, CompletionRequest, parse_chat, parse_completion
+from ..protocol import responses as wire
+from ..tenancy.auth import Principal
+from ..tenancy.quotas import Quotas
+from ..tenancy.usage import UsageRecorder
+from .auto import AUTO, AutoRouter, routing_text
+from .names import ModelTable, Route
 from .streaming import ChunkTemplate, ClientGone, EventStream, RequestGuard
-from .usage import UsageRecorder
 
 log = logging.getLogger("tensafe.gateway")
 T = TypeVar("T")

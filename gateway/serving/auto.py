@@ -14,8 +14,8 @@ from typing import Any
 
 from router import Decision, Encoder, ExpertTable, Router, SkippedKeyword
 
-from . import errors
-from .store import Store
+from .. import errors
+from ..store import Store
 
 log = logging.getLogger("tensafe.gateway")
 AUTO = "auto"

@@ -17,7 +17,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import ApiError
+from ..errors import ApiError
 
 access_log = logging.getLogger("tensafe.access")
 log = logging.getLogger("tensafe.gateway")

@@ -20,14 +20,14 @@ import hmac
 import os
 import secrets
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import AuthenticationFailed, PermissionDenied
+from ..errors import AuthenticationFailed, PermissionDenied
+from ..store import ApiKeyRecord, Store
 from .quotas import QuotaLimits
 from .remembered import Remembered
-from .store import ApiKeyRecord, Store
 
 if TYPE_CHECKING:
     from .oidc import OidcVerifier

@@ -7,8 +7,8 @@ from typing import Any, TypeVar
 
 from starlette.requests import Request
 
-from . import errors
-from .store import AdapterRecord, ApiKeyRecord, AuditEntry, SigningKeyRecord, Tenant, UsageRow
+from .. import errors
+from ..store import AdapterRecord, ApiKeyRecord, AuditEntry, SigningKeyRecord, Tenant, UsageRow
 
 T = TypeVar("T")
 MAX_LIMIT = 100

@@ -11,7 +11,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 from prometheus_client.registry import Collector
 
-from .backends import Backend
+from ..backends import Backend
+from ..store.health import StoreHealth
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _KNOWN_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/adapters", "/v1/route"})
@@ -107,3 +108,17 @@ class BackendCollector(Collector):
             family = GaugeMetricFamily(f"tensafe_backend_{name}", help_text, labels=labels)
             family.add_metric([self.backend.name], value)
             yield family
+
+
+class StoreCollector(Collector):
+    """Whether each store answered its last check (see ``store.health``)."""
+
+    def __init__(self, health: StoreHealth) -> None:
+        self.health = health
+
+    def collect(self) -> Iterator[Any]:
+        family = GaugeMetricFamily("tensafe_store_up", "1 when the store answered its last check",
+                                   labels=("store",))
+        for name, up in self.health.up.items():
+            family.add_metric([name], 1.0 if up else 0.0)
+        yield family

@@ -1,5 +1,5 @@
 """Whether the registry and the quota store answer: checked in the background, reported by
-``/health`` and by the ``tensafe_store_up`` gauge.
+``/health`` and by the ``tensafe_store_up`` gauge (``api.metrics``).
 
 Each store is pinged every ``interval_s`` (at most ``timeout_s`` each, by the store's own
 timeout) and marked down at once when a request finds it unavailable, so the state is never
@@ -11,14 +11,10 @@ gateway into no gateway at all.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
+from collections.abc import Awaitable, Callable
 
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
-
-from .periodic import Periodic
-from .store import StoreUnavailable
+from ..periodic import Periodic
+from . import StoreUnavailable
 
 log = logging.getLogger("tensafe.gateway")
 
@@ -58,15 +54,3 @@ class StoreHealth:
 
     async def stop(self) -> None:
         await self._checker.stop()
-
-
-class StoreCollector(Collector):
-    def __init__(self, health: StoreHealth) -> None:
-        self.health = health
-
-    def collect(self) -> Iterator[Any]:
-        family = GaugeMetricFamily("tensafe_store_up", "1 when the store answered its last check",
-                                   labels=("store",))
-        for name, up in self.health.up.items():
-            family.add_metric([name], 1.0 if up else 0.0)
-        yield family

@@ -27,12 +27,12 @@ from adapters.keys import SigningPublicKey
 from adapters.package import open_package
 from cache import AdapterCache
 
-from . import errors
+from .. import errors
+from ..store import AdapterRecord, AlreadyExists, ApiKeyRecord, SigningKeyRecord, Store, Tenant
 from .auth import Authenticator
 from .blobs import BlobStore
 from .keyprovider import KeyProvider
-from .residency import signing_public
-from .store import AdapterRecord, AlreadyExists, ApiKeyRecord, SigningKeyRecord, Store, Tenant
+from .packages import signing_public
 from .usage import UsageRecorder
 
 TENANT_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")

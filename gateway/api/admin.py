@@ -11,16 +11,15 @@ from starlette.responses import Response
 
 from cache import AdapterCache, CacheError
 
-from . import errors
-from .jsonresponse import JSONResponse
-from .auth import Principal
+from .. import errors
+from ..store import verify_store
+from ..tenancy.auth import Principal
+from ..tenancy.quotas import QuotaLimits
+from ..tenancy.service import Tenancy
+from ..tenancy.usage import UsageRecorder
 from .bodies import read_object, scopes_field
-from .quotas import QuotaLimits
-from .store import verify_store
-from .tenancy import Tenancy
-from .usage import UsageRecorder
-from .views import (adapter_view, audit_view, key_view, page, page_params, signing_key_view, tenant_view,
-                    usage_view)
+from .jsonresponse import JSONResponse
+from .views import adapter_view, audit_view, key_view, page, page_params, signing_key_view, tenant_view, usage_view
 
 Authenticate = Callable[[Request], Awaitable[Principal]]
 MAX_SEQ = 2**63 - 1  # audit sequence numbers are signed 64-bit in every store

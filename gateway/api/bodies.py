@@ -18,7 +18,7 @@ from typing import Any
 
 from starlette.requests import Request
 
-from . import errors
+from .. import errors
 
 
 async def read_body(request: Request, limit: int, what: str = "Request body") -> bytes:

@@ -6,7 +6,6 @@ them, so the import direction stays gateway -> {engine, adapters, ...}.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 
 
@@ -17,7 +16,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     from adapters import cli as adapters_cli
 
-    from . import admin_cli, serve_cli
+    from . import admin as admin_cli
+    from . import serve as serve_cli
 
     engine_cli.register(sub)
     groups = adapters_cli.register(sub)
@@ -31,6 +31,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

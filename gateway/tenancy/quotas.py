@@ -38,8 +38,8 @@ from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 
-from .errors import RateLimited
-from .store.outage import REDIS_OUTAGES, translated
+from ..errors import RateLimited
+from ..store.outage import REDIS_OUTAGES, translated
 
 log = logging.getLogger("tensafe.gateway")
 

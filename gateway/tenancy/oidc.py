@@ -28,13 +28,20 @@ from typing import Any
 
 import httpx
 from joserfc import jws
-from joserfc.errors import (ClaimError, ExpiredTokenError, InvalidKeyIdError, JoseError, KeyParameterError,
-                            MissingClaimError, UnsupportedAlgorithmError)
+from joserfc.errors import (
+    ClaimError,
+    ExpiredTokenError,
+    InvalidKeyIdError,
+    JoseError,
+    KeyParameterError,
+    MissingClaimError,
+    UnsupportedAlgorithmError,
+)
 from joserfc.jwk import Key, KeySet
 from joserfc.jwt import JWTClaimsRegistry
 from joserfc.util import urlsafe_b64decode
 
-from .errors import AuthenticationFailed
+from ..errors import AuthenticationFailed
 
 log = logging.getLogger(__name__)
 

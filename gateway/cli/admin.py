@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .settings import Settings, SettingsError
+from ..settings import Settings, SettingsError
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -27,7 +27,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_rotate_recipient(args: argparse.Namespace) -> int:
-    from .keyprovider import PROVIDERS
+    from ..tenancy.keyprovider import PROVIDERS
 
     settings = _settings(args)
     provider = PROVIDERS[settings.key_provider](settings.data_dir)
@@ -39,7 +39,7 @@ def cmd_rotate_recipient(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from .store import AuditHead, open_store, verify_store
+    from ..store import AuditHead, open_store, verify_store
 
     async def run() -> tuple[int, list[str], AuditHead | None]:
         store = open_store(_settings(args).resolved_store_url())
