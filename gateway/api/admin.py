@@ -3,7 +3,6 @@ quotas, usage and adapters, the cache, and the audit log."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -13,15 +12,14 @@ from cache import AdapterCache, CacheError
 
 from .. import errors
 from ..store import verify_store
-from ..tenancy.auth import Principal
 from ..tenancy.quotas import QuotaLimits
 from ..tenancy.service import Tenancy
 from ..tenancy.usage import UsageRecorder
 from .bodies import read_object, scopes_field
+from .callers import Callers
 from .jsonresponse import JSONResponse
 from .views import adapter_view, audit_view, key_view, page, page_params, signing_key_view, tenant_view, usage_view
 
-Authenticate = Callable[[Request], Awaitable[Principal]]
 MAX_SEQ = 2**63 - 1  # audit sequence numbers are signed 64-bit in every store
 
 
@@ -35,19 +33,16 @@ def _quotas(value: Any) -> dict[str, Any]:
 
 
 class AdminApi:
-    def __init__(self, tenancy: Tenancy, authenticate: Authenticate, usage: UsageRecorder,
+    def __init__(self, tenancy: Tenancy, callers: Callers, usage: UsageRecorder,
                  cache: AdapterCache | None, *, max_body_bytes: int) -> None:
         self.tenancy = tenancy
-        self.authenticate = authenticate
+        self.callers = callers
         self.usage = usage
         self.cache = cache
         self.max_body_bytes = max_body_bytes
 
     async def _admin(self, request: Request) -> str:
-        principal = await self.authenticate(request)
-        if not principal.is_admin:
-            raise errors.PermissionDenied("This endpoint needs an admin credential.", code="admin_required")
-        return principal.subject
+        return (await self.callers.admin(request)).subject
 
     async def _json(self, request: Request) -> dict[str, Any]:
         return await read_object(request, self.max_body_bytes)

@@ -4,7 +4,6 @@ ever sees its own tenant: another tenant's adapter or key is a 404 exactly like 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -15,15 +14,14 @@ from router import ExpertTable
 
 from .. import errors
 from ..protocol import parse_chat
-from ..serving.auto import AUTO, AutoRouter, decision_view, routing_text
+from ..serving.auto import AUTO, AutoSelector, classified_text, decision_view
 from ..tenancy.auth import Principal
 from ..tenancy.service import Tenancy
 from ..tenancy.usage import UsageRecorder
 from .bodies import read_body, read_object, scopes_field
+from .callers import Callers
 from .jsonresponse import JSONResponse
 from .views import adapter_view, key_view, page, page_params, signing_key_view, usage_view
-
-Authenticate = Callable[[Request], Awaitable[Principal]]
 
 
 def tenant_of(principal: Principal) -> str:
@@ -34,17 +32,17 @@ def tenant_of(principal: Principal) -> str:
 
 
 class TenantApi:
-    def __init__(self, tenancy: Tenancy, authenticate: Authenticate, usage: UsageRecorder, auto: AutoRouter, *,
+    def __init__(self, tenancy: Tenancy, callers: Callers, usage: UsageRecorder, auto: AutoSelector, *,
                  max_upload_bytes: int, max_body_bytes: int) -> None:
         self.auto = auto
         self.tenancy = tenancy
-        self.authenticate = authenticate
+        self.callers = callers
         self.usage = usage
         self.max_upload_bytes = max_upload_bytes
         self.max_body_bytes = max_body_bytes
 
     async def _caller(self, request: Request, scope: str = "tenant") -> tuple[Principal, str]:
-        principal = await self.authenticate(request)
+        principal = await self.callers.any(request)
         tenant = tenant_of(principal)
         principal.require(scope)
         return principal, tenant
@@ -157,7 +155,7 @@ class TenantApi:
         prompt = body.get("prompt")
         if prompt is None and "messages" in body:
             chat = parse_chat({"model": AUTO, "messages": body["messages"]})
-            text = routing_text(chat.messages)
+            text = classified_text(chat.messages)
         elif isinstance(prompt, str) and prompt:
             text = prompt
         else:

@@ -48,7 +48,9 @@ def invalid_table(problem: Exception) -> errors.InvalidRequest:
                                  "PUT /v1/experts a new one.", code="invalid_expert_table")
 
 
-class AutoRouter:
+class AutoSelector:
+    """Picks the adapter for ``model: "auto"`` from the tenant's stored expert table."""
+
     def __init__(self, store: Store) -> None:
         self.store = store
         self._router: Router | None = None
@@ -99,7 +101,7 @@ class AutoRouter:
             await self._router.close()
 
 
-def routing_text(messages: Any = None, prompt: str | None = None) -> str:
+def classified_text(messages: Any = None, prompt: str | None = None) -> str:
     """What the classifier reads: the last user turn of a chat, or the prompt."""
     if prompt is not None:
         return prompt

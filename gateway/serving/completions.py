@@ -32,8 +32,8 @@ from ..protocol import responses as wire
 from ..tenancy.auth import Principal
 from ..tenancy.quotas import Quotas
 from ..tenancy.usage import UsageRecorder
-from .auto import AUTO, AutoRouter, routing_text
-from .names import ModelTable, Route
+from .auto import AUTO, AutoSelector, classified_text
+from .names import ModelNames, Target
 from .streaming import ChunkTemplate, ClientGone, EventStream, RequestGuard
 
 log = logging.getLogger("tensafe.gateway")
@@ -68,13 +68,17 @@ async def guarded(guard: RequestGuard, awaitable: Awaitable[T]) -> T:
         raise errors.Timeout("The request timed out.", code="timeout") from None
 
 
-class Completions:
-    def __init__(self, backend: Backend, models: ModelTable, *, max_body_bytes: int, request_timeout_s: float,
+class CompletionService:
+    """Chat and text completions from the parsed body to the reply. A request is resolved
+    (which model or adapter, within which limits), admitted (quotas, the adapter's slot) and
+    started (the backend's first chunk), then answered as JSON or as a stream."""
+
+    def __init__(self, backend: Backend, names: ModelNames, *, max_body_bytes: int, request_timeout_s: float,
                  retry_after_s: int, cache: AdapterCache | None = None, quotas: Quotas | None = None,
-                 usage: UsageRecorder | None = None, auto: AutoRouter | None = None) -> None:
+                 usage: UsageRecorder | None = None, auto: AutoSelector | None = None) -> None:
         self.backend = backend
         self.auto = auto
-        self.models = models
+        self.names = names
         self.max_body_bytes = max_body_bytes
         self.timeout = request_timeout_s
         self.retry_after = retry_after_s
@@ -83,12 +87,14 @@ class Completions:
         self.usage = usage
 
     async def chat(self, request: Request, principal: Principal) -> Response:
+        """``POST /v1/chat/completions``."""
         params = parse_chat(await read_json(request, self.max_body_bytes))
         messages = tuple(Message(m.role, m.content) for m in params.messages)  # type: ignore[arg-type]
         size = sum(len(m.content) for m in messages)
         return await self._run(request, principal, params, "chatcmpl-", dict(messages=messages), size)
 
-    async def completions(self, request: Request, principal: Principal) -> Response:
+    async def complete(self, request: Request, principal: Principal) -> Response:
+        """``POST /v1/completions``."""
         params = parse_completion(await read_json(request, self.max_body_bytes))
         size = len(params.prompt or "") + 4 * len(params.prompt_token_ids or ())
         return await self._run(request, principal, params, "cmpl-",
@@ -103,49 +109,25 @@ class Completions:
             log.info("request %s: ignored fields not defined by OpenAI: %s", state.request_id,
                      ", ".join(f[:64] for f in params.ignored[:20]))
         headers: dict[str, str] = {}
-        if params.model == AUTO and self.auto is not None:
-            route = await self._auto_route(request, principal, inputs)
-            if state.expert:
-                headers["x-tensafe-expert"] = wire.header_text(state.expert)
-            if route.cached and self.cache is not None and not self.cache.resident(route.adapter_id,
-                                                                                  self.backend.name):
-                self.cache.prefetch(route.adapter_id, self.backend.name)  # load while quotas are checked
-        else:
-            route = await self.models.resolve(params.model, principal)
-        state.model, state.adapter = route.model, route.model if route.adapter_id else None
-        max_tokens = params.max_tokens
-        cap = principal.limits.max_tokens
-        if cap is not None:
-            if max_tokens is not None and max_tokens > cap:
-                raise errors.InvalidRequest(f"max_tokens {max_tokens} exceeds your per-request limit of {cap}.",
-                                            param="max_tokens", code="max_tokens_limit")
-            max_tokens = max_tokens or cap
+        target = await self._resolve(request, principal, params.model, inputs, headers)
+        max_tokens = _max_tokens(params.max_tokens, principal)
         # everything this request holds, released in reverse order when it ends however it ends
         resources = contextlib.AsyncExitStack()
         guard = RequestGuard(request.receive, deadline)
         resources.callback(guard.stop)
         tally = _Tally()
+        rid = prefix + os.urandom(16).hex()
         try:
-            if self.quotas is not None and principal.tenant is not None:
-                estimate = prompt_chars // 3 + 1 + (max_tokens or DEFAULT_TOKEN_ESTIMATE)
-                admission = await self.quotas.admit(principal.tenant, principal.limits, estimate)
-                resources.push_async_callback(lambda: admission.release(tally.tokens))
-            if route.cached and self.cache is not None:
-                await guarded(guard, resources.enter_async_context(self._lease(route)))
-            rid = prefix + os.urandom(16).hex()
+            await self._admit(principal, target, prompt_chars // 3 + 1 + (max_tokens or DEFAULT_TOKEN_ESTIMATE),
+                              guard, resources, tally)
             breq = BackendRequest(
                 request_id=rid,
                 sampling=Sampling(max_tokens=max_tokens, temperature=params.temperature, top_p=params.top_p,
                                   seed=params.seed, stop=params.stop),
-                adapter_id=route.adapter_id, cache_salt=principal.tenant or "", **inputs,
+                adapter_id=target.adapter_id, cache_salt=principal.tenant or "", **inputs,
             )
             started = time.perf_counter()
-            stream = aiter(self.backend.generate(breq))
-            resources.push_async_callback(stream.aclose)
-            try:
-                first = await guarded(guard, anext(stream, None))
-            except backend_errors.BackendError as exc:
-                raise api_error(exc, self.retry_after) from None
+            stream, first = await self._start(breq, guard, resources)
         except ClientGone:
             await resources.aclose()
             state.error_code = "client_disconnected"
@@ -154,13 +136,13 @@ class Completions:
             await resources.aclose()
             raise
         state.ttft_ms = round((time.perf_counter() - started) * 1000, 3)
-        if route.adapter_id:
-            headers["x-tensafe-adapter"] = wire.header_text(route.model)
+        if target.adapter_id:
+            headers["x-tensafe-adapter"] = wire.header_text(target.model)
         created = int(time.time())
         chat = isinstance(params, ChatRequest)
-        done = functools.partial(self._account, state, principal, route, tally)
+        done = functools.partial(self._account, state, principal, target, tally)
         if params.stream:
-            return self._stream(request, stream, first, chat, rid, created, route, params.include_usage, guard,
+            return self._stream(request, stream, first, chat, rid, created, target, params.include_usage, guard,
                                 resources, done, headers)
         last = None
         try:
@@ -175,37 +157,74 @@ class Completions:
             await resources.aclose()
         reason = _finish(last)
         body = (wire.chat_completion if chat else wire.completion)(
-            rid, created, route.model, text, reason, last.prompt_tokens, last.completion_tokens)
+            rid, created, target.model, text, reason, last.prompt_tokens, last.completion_tokens)
         return JSONResponse(body, headers=headers)
 
-    async def _auto_route(self, request: Request, principal: Principal, inputs: dict[str, Any]) -> Route:
+    async def _resolve(self, request: Request, principal: Principal, model: str, inputs: dict[str, Any],
+                       headers: dict[str, str]) -> Target:
+        """What ``model`` names for this caller (for ``auto``, what the expert table picks: its
+        adapter starts loading at once, while the request is admitted)."""
+        state = request.state
+        if model == AUTO and self.auto is not None:
+            target = await self._auto_target(request, principal, inputs)
+            if state.expert:
+                headers["x-tensafe-expert"] = wire.header_text(state.expert)
+            if target.tenant_adapter and self.cache is not None and not self.cache.resident(target.adapter_id,
+                                                                                           self.backend.name):
+                self.cache.prefetch(target.adapter_id, self.backend.name)
+        else:
+            target = await self.names.resolve(model, principal)
+        state.model, state.adapter = target.model, target.model if target.adapter_id else None
+        return target
+
+    async def _admit(self, principal: Principal, target: Target, estimate: int, guard: RequestGuard,
+                     resources: contextlib.AsyncExitStack, tally: "_Tally") -> None:
+        """Take the tenant's quotas (``estimate`` tokens, refunded to what was used) and a lease
+        on the adapter's slot; both are released with ``resources``."""
+        if self.quotas is not None and principal.tenant is not None:
+            admission = await self.quotas.admit(principal.tenant, principal.limits, estimate)
+            resources.push_async_callback(lambda: admission.release(tally.tokens))
+        if target.tenant_adapter and self.cache is not None:
+            await guarded(guard, resources.enter_async_context(self._lease(target)))
+
+    async def _start(self, breq: BackendRequest, guard: RequestGuard, resources: contextlib.AsyncExitStack
+                     ) -> tuple[AsyncIterator[BackendChunk], BackendChunk | None]:
+        """Hand the request to the backend and wait for its first chunk (a refusal arrives here)."""
+        stream = aiter(self.backend.generate(breq))
+        resources.push_async_callback(stream.aclose)
+        try:
+            return stream, await guarded(guard, anext(stream, None))
+        except backend_errors.BackendError as exc:
+            raise api_error(exc, self.retry_after) from None
+
+    async def _auto_target(self, request: Request, principal: Principal, inputs: dict[str, Any]) -> Target:
         assert self.auto is not None
         if inputs.get("prompt_token_ids") is not None:
             raise errors.InvalidRequest("model 'auto' needs a text prompt, not token ids.", param="prompt",
                                         code="invalid_value")
-        decision = await self.auto.decide(principal.tenant, routing_text(inputs.get("messages"),
+        decision = await self.auto.decide(principal.tenant, classified_text(inputs.get("messages"),
                                                                          inputs.get("prompt")))
         request.state.expert = decision.expert
         request.state.route_method = decision.method
-        name = decision.adapter or self.models.base.model
+        name = decision.adapter or self.names.base.model
         try:
-            return await self.models.resolve(name, principal)
+            return await self.names.resolve(name, principal)
         except errors.ModelNotFound:
             log.warning("expert %s names adapter %s, which does not exist; serving the base model",
                         decision.expert, name[:64])
-            return self.models.base
+            return self.names.base
 
     @contextlib.asynccontextmanager
-    async def _lease(self, route: Route) -> AsyncIterator[None]:
+    async def _lease(self, target: Target) -> AsyncIterator[None]:
         """Keep the tenant adapter resident in a slot of this backend for the whole request."""
-        assert self.cache is not None and route.adapter_id is not None
+        assert self.cache is not None and target.adapter_id is not None
         try:
-            lease = self.cache.lease(route.adapter_id, self.backend.name)
+            lease = self.cache.lease(target.adapter_id, self.backend.name)
             await lease.__aenter__()
         except UnknownAdapter:
-            raise errors.ModelNotFound(route.model) from None
+            raise errors.ModelNotFound(target.model) from None
         except CacheError as exc:
-            log.warning("adapter %s unavailable: %s", route.adapter_id, exc)
+            log.warning("adapter %s unavailable: %s", target.adapter_id, exc)
             raise errors.Overloaded("The adapter cannot be loaded right now; retry shortly.",
                                     code="adapter_unavailable", retry_after=self.retry_after) from None
         try:
@@ -213,7 +232,7 @@ class Completions:
         finally:
             await lease.__aexit__(None, None, None)
 
-    def _account(self, state: Any, principal: Principal, route: Route, tally: "_Tally",
+    def _account(self, state: Any, principal: Principal, target: Target, tally: "_Tally",
                  last: BackendChunk | None) -> None:
         if last is None or tally.counted:
             return
@@ -222,7 +241,7 @@ class Completions:
         state.prompt_tokens, state.completion_tokens = last.prompt_tokens, last.completion_tokens
         state.finish_reason = last.finish_reason
         if self.usage is not None and principal.tenant is not None:
-            self.usage.add(principal.tenant, route.model, last.prompt_tokens, last.completion_tokens,
+            self.usage.add(principal.tenant, target.model, last.prompt_tokens, last.completion_tokens,
                            principal.incarnation)
 
     async def _events(self, request: Request, stream: AsyncIterator[BackendChunk], first: BackendChunk | None,
@@ -253,11 +272,11 @@ class Completions:
             done(last)
 
     def _stream(self, request: Request, stream: AsyncIterator[BackendChunk], first: BackendChunk | None,
-                chat: bool, rid: str, created: int, route: Route, include_usage: bool, guard: RequestGuard,
+                chat: bool, rid: str, created: int, target: Target, include_usage: bool, guard: RequestGuard,
                 resources: contextlib.AsyncExitStack,
                 done: Callable[[BackendChunk | None], None],
                 headers: dict[str, str]) -> EventStream:
-        model = route.model
+        model = target.model
         template = ChunkTemplate("chat.completion.chunk" if chat else "text_completion", rid, created, model,
                                  include_usage)
 
@@ -276,6 +295,17 @@ class Completions:
         events = self._events(request, stream, first, render, usage, done)
         return EventStream(events, guard=guard, on_timeout=timed_out, final=wire.DONE, on_close=resources.aclose,
                            headers={**SSE_HEADERS, **headers})
+
+
+def _max_tokens(requested: int | None, principal: Principal) -> int | None:
+    """The request's ``max_tokens`` within the tenant's per-request cap (the cap when unset)."""
+    cap = principal.limits.max_tokens
+    if cap is None:
+        return requested
+    if requested is not None and requested > cap:
+        raise errors.InvalidRequest(f"max_tokens {requested} exceeds your per-request limit of {cap}.",
+                                    param="max_tokens", code="max_tokens_limit")
+    return requested or cap
 
 
 @dataclasses.dataclass

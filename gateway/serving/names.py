@@ -3,9 +3,9 @@ an adapter of the caller's own tenant, or an operator-configured development ada
 name resolves to the backend's internal adapter key; callers never see or send those keys.
 Another tenant's adapter resolves exactly like a missing one (404).
 
-A tenant adapter's route is remembered for ``cache_ttl_s`` (see ``remembered``), so a busy
-adapter costs no registry read per request; ``forget`` drops every remembered route (an
-adapter was deleted). Misses are never remembered, so a new upload is visible at once."""
+What a name resolves to is its ``Target``. A tenant adapter's target is remembered for
+``cache_ttl_s`` (see ``tenancy.remembered``), so a busy adapter costs no registry read per
+request; ``forget`` drops every remembered target (an adapter was deleted). Misses are never remembered, so a new upload is visible at once."""
 from __future__ import annotations
 
 import dataclasses
@@ -19,21 +19,21 @@ from ..tenancy.remembered import Remembered
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class Route:
+class Target:
     model: str  # the name the caller used (echoed in responses)
     adapter_id: str | None  # internal key; None = the base model
     owned_by: str
     created: int
-    cached: bool = False  # a tenant adapter served through the tiered cache
+    tenant_adapter: bool = False  # a tenant's uploaded adapter, served through the tiered cache
 
 
-class ModelTable:
+class ModelNames:
     def __init__(self, base: str, created: int, store: Store | None = None, owner: str = "tensafe", *,
                  cache_ttl_s: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
-        self.base = Route(base, None, owner, created)
+        self.base = Target(base, None, owner, created)
         self.store = store
-        self._local: dict[str, Route] = {}
-        self._remembered: Remembered[tuple[str, str], Route] = Remembered(cache_ttl_s, clock)  # (tenant, name)
+        self._local: dict[str, Target] = {}
+        self._remembered: Remembered[tuple[str, str], Target] = Remembered(cache_ttl_s, clock)  # (tenant, name)
 
     def forget(self) -> None:
         self._remembered.clear()
@@ -42,35 +42,35 @@ class ModelTable:
         """A development adapter loaded from a PEFT directory, visible to every caller."""
         if name == self.base.model or name in self._local:
             raise ValueError(f"model name {name!r} is already taken")
-        self._local[name] = Route(name, adapter_id, owner, created)
+        self._local[name] = Target(name, adapter_id, owner, created)
 
     def reserved(self) -> set[str]:
         return {self.base.model, *self._local}
 
-    async def resolve(self, name: str, principal: Principal) -> Route:
+    async def resolve(self, name: str, principal: Principal) -> Target:
         if name == self.base.model:
             return self.base
-        route = self._local.get(name)
-        if route is not None:
-            return route
+        target = self._local.get(name)
+        if target is not None:
+            return target
         if self.store is not None and principal.tenant is not None:
             key = (principal.tenant, name)
-            route = self._remembered.get(key)
-            if route is not None:
-                return route
+            target = self._remembered.get(key)
+            if target is not None:
+                return target
             token = self._remembered.token()
             record = await self.store.get_adapter(principal.tenant, name)
             if record is not None:
-                route = Route(name, record.key, principal.tenant, record.created, cached=True)
-                self._remembered.put(key, route, token)
-                return route
+                target = Target(name, record.key, principal.tenant, record.created, tenant_adapter=True)
+                self._remembered.put(key, target, token)
+                return target
         raise ModelNotFound(name)
 
-    async def visible(self, principal: Principal) -> list[Route]:
-        routes = [self.base, *self._local.values()]
+    async def visible(self, principal: Principal) -> list[Target]:
+        targets = [self.base, *self._local.values()]
         if self.store is not None and principal.tenant is not None:
             after = None
             while batch := await self.store.list_adapters(principal.tenant, 100, after):
-                routes += [Route(r.name, r.key, r.tenant, r.created, cached=True) for r in batch]
+                targets += [Target(r.name, r.key, r.tenant, r.created, tenant_adapter=True) for r in batch]
                 after = batch[-1].name
-        return routes
+        return targets

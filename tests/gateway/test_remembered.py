@@ -10,7 +10,7 @@ import pytest
 
 from gateway.tenancy.auth import Authenticator, Principal
 from gateway.errors import AuthenticationFailed, ModelNotFound, PermissionDenied
-from gateway.serving.names import ModelTable
+from gateway.serving.names import ModelNames
 from gateway.store import AdapterRecord, Tenant
 from gateway.tenancy.remembered import Remembered
 from gateway.store.sqlite import SqliteStore
@@ -109,14 +109,14 @@ def test_remembered_is_bounded_and_off_at_zero_ttl():
 
 async def test_an_adapter_route_is_remembered_until_it_expires(store):
     clock = Clock()
-    models = ModelTable("base", 1, store, cache_ttl_s=1.0, clock=clock)
+    models = ModelNames("base", 1, store, cache_ttl_s=1.0, clock=clock)
     principal = Principal("acme", ("tenant",), "k")
     with pytest.raises(ModelNotFound):  # misses are not remembered ...
         await models.resolve("bot", principal)
     record = AdapterRecord("acme", "bot", "1", "blob", 1, "ab" * 32, "base", 4, 8.0, ("q_proj",), "sk", 1)
     await store.add_adapter(record)
     route = await models.resolve("bot", principal)  # ... so an upload is visible at once
-    assert route.adapter_id == record.key and route.cached
+    assert route.adapter_id == record.key and route.tenant_adapter
     await store.delete_adapter("acme", "bot")  # by another replica
     assert (await models.resolve("bot", principal)) == route
     clock.now += 1.0
