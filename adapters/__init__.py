@@ -8,6 +8,7 @@ Pure library: no web framework, no engine. Modules, leaves first:
 - ``signatures``  Ed25519 + ML-DSA-65, both required
 - ``hybrid_kem``  X25519 + ML-KEM-768 data-key wrapping
 - ``format``      the byte layout; ``manifest`` the signed JSON; ``payload`` the safetensors body
+- ``lora``        ``LoraConfig``: an adapter's rank, alpha and target modules
 - ``base_model``, ``peft``, ``validate``   reading PEFT output and checking it against a model
 - ``package``     ``pack``, ``open_package``, ``inspect``;  ``cli`` the command-line verbs
 """
@@ -19,6 +20,7 @@ from .errors import (
     KeyFileError,
 )
 from .limits import Limits
+from .lora import LoraConfig
 
 __all__ = ["AdaptersError", "BaseModelConfigError", "InvalidAdapter", "InvalidPackage",
-           "KeyFileError", "Limits"]
+           "KeyFileError", "Limits", "LoraConfig"]

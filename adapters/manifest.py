@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields
 from typing import Any, NamedTuple
 
 from .errors import InvalidAdapter
+from .lora import LoraConfig
 
 MANIFEST_FORMAT_VERSION = 1
 PAYLOAD_DTYPES = ("BF16", "F16", "F32")
@@ -131,6 +132,10 @@ class Manifest:
                              ("recipient_key_id", self.recipient_key_id)):
             if not isinstance(value, str) or not _HEX64.fullmatch(value):
                 raise InvalidAdapter(f"{field} must be 64 lowercase hex digits, got {value!r}")
+
+    def lora(self) -> LoraConfig:
+        """The adapter's LoRA shape."""
+        return LoraConfig(self.rank, float(self.alpha), tuple(self.target_modules), self.use_rslora)
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)}

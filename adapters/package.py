@@ -32,7 +32,8 @@ from .hybrid_kem import DATA_KEY_LENGTH, unwrap_data_key, wrap_data_key
 from .keypairs import RecipientPrivateKey, RecipientPublicKey, SigningPrivateKey, SigningPublicKey
 from .limits import Limits
 from .manifest import Manifest, check_labels
-from .peft import PeftAdapterConfig, read_peft_dir
+from .lora import LoraConfig
+from .peft import read_peft_dir
 from .signatures import find_verifying_signer, sign
 from .validate import validate_adapter, validate_specs
 
@@ -40,7 +41,7 @@ __all__ = ["pack", "open_package", "inspect", "read_unverified_manifest", "Opene
            "Manifest", "Limits"]
 
 # A PEFT ``save_pretrained`` directory, or its contents already in memory.
-AdapterSource = str | os.PathLike[str] | tuple[PeftAdapterConfig, Mapping[str, torch.Tensor]]
+AdapterSource = str | os.PathLike[str] | tuple[LoraConfig, Mapping[str, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -74,8 +75,8 @@ def pack(source: AdapterSource, *, tenant: str, name: str, version: str, base_mo
         raise InvalidAdapter(f"payload of {len(plaintext)} bytes exceeds max_payload_bytes "
                              f"{limits.max_payload_bytes}")
     manifest = Manifest(
-        tenant=tenant, name=name, version=version, base_model=base_model, rank=config.r,
-        alpha=config.lora_alpha, use_rslora=config.use_rslora,
+        tenant=tenant, name=name, version=version, base_model=base_model, rank=config.rank,
+        alpha=config.alpha, use_rslora=config.use_rslora,
         target_modules=config.target_modules, tensors=payload.describe(tensors),
         payload_length=len(plaintext), payload_sha256=hashlib.sha256(plaintext).hexdigest(),
         created=int(time.time()) if created is None else created,
@@ -157,8 +158,7 @@ def _check_manifest_adapter(manifest: Manifest, base_model: BaseModelSpec | None
     if base_model is not None and manifest.base_model != base_model.model_id:
         raise InvalidPackage("adapter", f"package is for base model {manifest.base_model!r}, "
                              f"not {base_model.model_id!r}")
-    config = PeftAdapterConfig(manifest.rank, manifest.alpha, manifest.target_modules,
-                               manifest.use_rslora, manifest.base_model)
+    config = manifest.lora()
     try:
         validate_specs(config, manifest.tensors, base_model, limits)
     except InvalidAdapter as exc:

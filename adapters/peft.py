@@ -11,7 +11,6 @@ import json
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +20,10 @@ from safetensors.torch import load as load_safetensors
 
 from .errors import InvalidAdapter
 from .limits import Limits
+from .lora import LoraConfig
 from .validate import validate_adapter
 
-__all__ = ["PeftAdapterConfig", "read_peft_dir", "validate_adapter", "CONFIG_FILE", "WEIGHTS_FILE"]
+__all__ = ["LoraConfig", "read_peft_dir", "lora_config", "validate_adapter", "CONFIG_FILE", "WEIGHTS_FILE"]
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -87,58 +87,6 @@ def _refuse_unsupported(data: Mapping[str, Any]) -> None:
                 f"unknown PEFT setting {key!r} = {_short(data[key])} is not supported")
 
 
-@dataclass(frozen=True)
-class PeftAdapterConfig:
-    """The part of a PEFT LoRA config that determines inference."""
-
-    r: int
-    lora_alpha: float
-    target_modules: tuple[str, ...]
-    use_rslora: bool = False
-    base_model_name_or_path: str | None = None
-
-    @property
-    def scaling(self) -> float:
-        """What LoRA multiplies ``B @ A`` by: alpha/r, or alpha/sqrt(r) with rsLoRA."""
-        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> PeftAdapterConfig:
-        """Parse ``adapter_config.json``; refuses unsupported features by name."""
-        if not isinstance(data, Mapping):
-            raise InvalidAdapter(f"{CONFIG_FILE} must hold a JSON object")
-        _refuse_unsupported(data)
-        r, alpha, modules = data.get("r"), data.get("lora_alpha"), data.get("target_modules")
-        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-            raise InvalidAdapter(f"r must be a positive integer, got {r!r}")
-        if (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
-                or not math.isfinite(alpha) or alpha <= 0):
-            raise InvalidAdapter(f"lora_alpha must be a positive number, got {alpha!r}")
-        if isinstance(modules, str):
-            raise InvalidAdapter(f"target_modules {modules!r} is a pattern; list module names")
-        if (not isinstance(modules, list) or not modules
-                or not all(isinstance(m, str) for m in modules)):
-            raise InvalidAdapter(
-                f"target_modules must be a non-empty list of names, got {modules!r}")
-        rslora = data.get("use_rslora", False)
-        if not isinstance(rslora, bool):
-            raise InvalidAdapter(f"use_rslora must be true or false, got {rslora!r}")
-        base = data.get("base_model_name_or_path")
-        return cls(r, alpha, tuple(sorted(set(modules))), rslora,
-                   base if isinstance(base, str) else None)
-
-    def to_dict(self) -> dict[str, Any]:
-        """A PEFT-compatible ``adapter_config.json`` body (PEFT fills other keys with defaults)."""
-        return {
-            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": self.r,
-            "lora_alpha": self.lora_alpha, "target_modules": list(self.target_modules),
-            "use_rslora": self.use_rslora, "lora_dropout": 0.0, "bias": "none",
-            "use_dora": False, "modules_to_save": None, "fan_in_fan_out": False,
-            "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {},
-            "base_model_name_or_path": self.base_model_name_or_path,
-        }
-
-
 def _read_bounded(path: Path, limit: int, what: str) -> bytes:
     try:
         size = path.stat().st_size
@@ -155,8 +103,44 @@ def _read_bounded(path: Path, limit: int, what: str) -> bytes:
     return data
 
 
+def lora_config(data: Mapping[str, Any]) -> LoraConfig:
+    """The LoRA an ``adapter_config.json`` describes; refuses unsupported features by name."""
+    if not isinstance(data, Mapping):
+        raise InvalidAdapter(f"{CONFIG_FILE} must hold a JSON object")
+    _refuse_unsupported(data)
+    r, alpha, modules = data.get("r"), data.get("lora_alpha"), data.get("target_modules")
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise InvalidAdapter(f"r must be a positive integer, got {r!r}")
+    if (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
+            or not math.isfinite(alpha) or alpha <= 0):
+        raise InvalidAdapter(f"lora_alpha must be a positive number, got {alpha!r}")
+    if isinstance(modules, str):
+        raise InvalidAdapter(f"target_modules {modules!r} is a pattern; list module names")
+    if (not isinstance(modules, list) or not modules
+            or not all(isinstance(m, str) for m in modules)):
+        raise InvalidAdapter(
+            f"target_modules must be a non-empty list of names, got {modules!r}")
+    rslora = data.get("use_rslora", False)
+    if not isinstance(rslora, bool):
+        raise InvalidAdapter(f"use_rslora must be true or false, got {rslora!r}")
+    return LoraConfig(r, alpha, tuple(sorted(set(modules))), rslora)
+
+
+def peft_config(config: LoraConfig, base_model: str | None = None) -> dict[str, Any]:
+    """A PEFT-compatible ``adapter_config.json`` body for ``config`` (PEFT fills other keys
+    with defaults)."""
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": config.rank,
+        "lora_alpha": config.alpha, "target_modules": list(config.target_modules),
+        "use_rslora": config.use_rslora, "lora_dropout": 0.0, "bias": "none",
+        "use_dora": False, "modules_to_save": None, "fan_in_fan_out": False,
+        "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {},
+        "base_model_name_or_path": base_model,
+    }
+
+
 def read_peft_dir(path: str | os.PathLike[str], limits: Limits = Limits()
-                  ) -> tuple[PeftAdapterConfig, dict[str, torch.Tensor]]:
+                  ) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     """Read a ``save_pretrained`` directory. Checks the config; call ``validate_adapter`` to
     check the tensors (``pack`` does)."""
     root = Path(path)
@@ -174,7 +158,7 @@ def read_peft_dir(path: str | os.PathLike[str], limits: Limits = Limits()
         config_dict = json.loads(raw_config)
     except (UnicodeDecodeError, ValueError) as exc:
         raise InvalidAdapter(f"{CONFIG_FILE} is not valid JSON: {exc}") from None
-    config = PeftAdapterConfig.from_dict(config_dict)
+    config = lora_config(config_dict)
     raw = _read_bounded(weights, limits.max_payload_bytes, WEIGHTS_FILE)
     try:
         tensors = load_safetensors(raw)

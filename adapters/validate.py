@@ -23,7 +23,7 @@ from .limits import Limits
 from .manifest import PAYLOAD_DTYPES, TensorSpec
 
 if TYPE_CHECKING:
-    from .peft import PeftAdapterConfig
+    from .lora import LoraConfig
 
 DTYPE_NAMES: dict[torch.dtype, str] = {
     torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
@@ -39,18 +39,18 @@ def lora_tensor_name(layer: int, module: str, which: str) -> str:
     return f"base_model.model.model.layers.{layer}.{parent}.{module}.lora_{which}.weight"
 
 
-def expected_shapes(config: PeftAdapterConfig, base: BaseModelSpec) -> dict[str, tuple[int, int]]:
+def expected_shapes(config: LoraConfig, base: BaseModelSpec) -> dict[str, tuple[int, int]]:
     """Every tensor a sound adapter with ``config`` on ``base`` holds, with its shape."""
     out = {}
     for module in config.target_modules:
         in_f, out_f = base.projection_shape(module)
         for layer in range(base.num_hidden_layers):
-            out[lora_tensor_name(layer, module, "A")] = (config.r, in_f)
-            out[lora_tensor_name(layer, module, "B")] = (out_f, config.r)
+            out[lora_tensor_name(layer, module, "A")] = (config.rank, in_f)
+            out[lora_tensor_name(layer, module, "B")] = (out_f, config.rank)
     return out
 
 
-def _check_one(spec: TensorSpec, config: PeftAdapterConfig, base: BaseModelSpec | None
+def _check_one(spec: TensorSpec, config: LoraConfig, base: BaseModelSpec | None
                ) -> tuple[int, str, str]:
     name, shape, dtype = spec
     match = TENSOR_NAME.fullmatch(name)
@@ -75,18 +75,18 @@ def _check_one(spec: TensorSpec, config: PeftAdapterConfig, base: BaseModelSpec 
             raise InvalidAdapter(f"tensor {name!r}: layer {layer} does not exist; {base.model_id} "
                                  f"has {base.num_hidden_layers} layers")
         in_f, out_f = base.projection_shape(module)
-        expected = (config.r, in_f) if which == "A" else (out_f, config.r)
+        expected = (config.rank, in_f) if which == "A" else (out_f, config.rank)
     else:
-        expected = (config.r, cols) if which == "A" else (rows, config.r)
+        expected = (config.rank, cols) if which == "A" else (rows, config.rank)
     if (rows, cols) != expected:
         kind = ("lora_A must be r x in_features" if which == "A"
                 else "lora_B must be out_features x r")
         raise InvalidAdapter(f"tensor {name!r} has shape {[rows, cols]}, expected "
-                             f"{list(expected)} ({kind}, r={config.r})")
+                             f"{list(expected)} ({kind}, r={config.rank})")
     return layer, module, which
 
 
-def _check_detailed(specs: list[TensorSpec], config: PeftAdapterConfig,
+def _check_detailed(specs: list[TensorSpec], config: LoraConfig,
                     base: BaseModelSpec | None) -> None:
     seen: dict[str, set[tuple[int, str]]] = {m: set() for m in config.target_modules}
     for spec in specs:
@@ -103,11 +103,11 @@ def _check_detailed(specs: list[TensorSpec], config: PeftAdapterConfig,
                                          "must be adapted in every layer")
 
 
-def validate_specs(config: PeftAdapterConfig, specs: Iterable[TensorSpec],
+def validate_specs(config: LoraConfig, specs: Iterable[TensorSpec],
                    base: BaseModelSpec | None = None, limits: Limits = Limits()) -> None:
     """``validate_adapter`` on (name, shape, dtype) triples; raises ``InvalidAdapter``."""
-    if config.r > limits.max_rank:
-        raise InvalidAdapter(f"rank {config.r} exceeds max_rank {limits.max_rank}")
+    if config.rank > limits.max_rank:
+        raise InvalidAdapter(f"rank {config.rank} exceeds max_rank {limits.max_rank}")
     unknown = [m for m in config.target_modules if m not in MODULE_PARENTS]
     if unknown:
         raise InvalidAdapter(f"target module {unknown[0]!r} is not supported; supported: "
@@ -136,7 +136,7 @@ def validate_specs(config: PeftAdapterConfig, specs: Iterable[TensorSpec],
         raise InvalidAdapter("the tensor list repeats names")
 
 
-def validate_adapter(config: PeftAdapterConfig, tensors: Mapping[str, torch.Tensor],
+def validate_adapter(config: LoraConfig, tensors: Mapping[str, torch.Tensor],
                      base: BaseModelSpec | None = None, limits: Limits = Limits()) -> None:
     """Raise ``InvalidAdapter`` naming the first problem; return None if the adapter is sound.
 

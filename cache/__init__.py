@@ -3,10 +3,10 @@ budget) -> device (backend slots), with single-flight loads, pinning and per-ten
 from .errors import AdapterBusy, AdapterPinned, AdapterUnavailable, BudgetExceeded, CacheError, UnknownAdapter
 from .lru import ByteLRU
 from .tiered import AdapterCache
-from .types import AdapterSource, AdapterStatus, Decrypted, LoraSpec, SlotBackend, State, Tier
+from .types import AdapterSource, AdapterStatus, Decrypted, SlotBackend, State, Tier
 
 __all__ = [
     "AdapterBusy", "AdapterPinned", "AdapterUnavailable", "BudgetExceeded", "CacheError", "UnknownAdapter",
-    "ByteLRU", "AdapterCache", "AdapterSource", "AdapterStatus", "Decrypted", "LoraSpec", "SlotBackend", "State",
+    "ByteLRU", "AdapterCache", "AdapterSource", "AdapterStatus", "Decrypted", "SlotBackend", "State",
     "Tier",
 ]

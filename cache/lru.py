@@ -80,8 +80,10 @@ class ByteLRU(Generic[V]):
 
     # ---- writes -------------------------------------------------------------------------
     def put(self, key: str, value: V, nbytes: int, owner: str) -> list[str]:
-        """Insert (or replace) ``key``; returns the keys evicted to make room."""
-        if key in self._entries:
+        """Insert (or replace, keeping its pins) ``key``; returns the keys evicted to make room."""
+        old = self._entries.get(key)
+        pins = old.pins if old is not None else 0
+        if old is not None:
             self.remove(key)
         if nbytes > self.owner_limit:
             raise BudgetExceeded(self.name, nbytes, self.owner_limit, 0)
@@ -92,7 +94,7 @@ class ByteLRU(Generic[V]):
         over = self.used + nbytes - self.budget
         if over > 0:
             evicted += self._evict(over, lambda e: True)
-        self._entries[key] = _Entry(value, nbytes, owner)
+        self._entries[key] = _Entry(value, nbytes, owner, pins)
         self.used += nbytes
         self._by_owner[owner] += nbytes
         return evicted

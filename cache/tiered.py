@@ -1,6 +1,13 @@
 """The tiered adapter cache: disk (encrypted packages) -> CPU (decrypted tensors under a byte
 budget) -> device (backend slots).
 
+The CPU tier keeps each adapter in the forms its backends load, by layout: as opened (layout
+"", what a backend without a layout of its own takes) and as each backend kind prepares it
+(the embedded engine's stacked slots, say), so a warm load is a plain copy for every kind. A
+form no registered backend loads is not kept; one that is missing is prepared from the opened
+form, re-opened from disk if that is gone. Backends of one layout share its form. An entry's
+size is that of all its forms.
+
 All state lives on the event loop (one owner, no thread locks); the slow parts, verify + decrypt
 and the copy into a slot, run off the loop inside the source and the slot backend, so a request
 whose adapter is loading waits without holding up requests for resident adapters.
@@ -26,6 +33,18 @@ from .stats import CacheCounters
 from .types import AdapterSource, AdapterStatus, Decrypted, SlotBackend, State, Tier
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Forms:
+    """An adapter in the CPU tier: its forms by layout (one object may stand for several)."""
+
+    tenant: str
+    forms: dict[str, Decrypted]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.nbytes for f in {id(f): f for f in self.forms.values()}.values())
 
 
 @dataclasses.dataclass
@@ -59,18 +78,13 @@ class AdapterCache:
         cpu_budget_bytes: int,
         tenant_share: float = 0.5,
         failure_ttl_s: float = 30.0,
-        prepare: Callable[[Decrypted], Decrypted] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """``prepare`` (blocking, run off the loop after every fetch) turns an opened adapter into
-        the form the CPU tier keeps: the gateway passes its backend's slot layout, so a warm load
-        is a plain copy. It may raise to refuse the adapter (marked failed like a bad package)."""
         self.source = source
-        self._prepare = prepare
         self.counters = CacheCounters()
-        self._cpu: ByteLRU[Decrypted] = ByteLRU(cpu_budget_bytes, owner_share=tenant_share, name="cpu")
+        self._cpu: ByteLRU[_Forms] = ByteLRU(cpu_budget_bytes, owner_share=tenant_share, name="cpu")
         self._devices: dict[str, _Device] = {}
-        self._fetching: dict[str, asyncio.Task] = {}
+        self._fetching: dict[tuple[str, str], asyncio.Task] = {}  # (key, layout) -> its single flight
         self._failed: dict[str, tuple[str, float]] = {}
         self._generation: dict[str, int] = {}  # bumped by remove(): stale fetches are dropped
         self._background: set[asyncio.Task] = set()
@@ -83,6 +97,10 @@ class AdapterCache:
         they keep their slots and are never chosen for eviction."""
         self._devices[name] = _Device(name, slots, capacity=slots.free_slots())
 
+    def _layouts(self) -> dict[str, SlotBackend]:
+        """Each layout the registered backends load, and one backend that prepares it."""
+        return {d.slots.layout: d.slots for d in self._devices.values()}
+
     def _device(self, backend: str) -> _Device:
         try:
             return self._devices[backend]
@@ -90,33 +108,43 @@ class AdapterCache:
             raise CacheError(f"unknown backend {backend!r}") from None
 
     # ---- disk -> CPU ------------------------------------------------------------------------
-    async def fetch(self, key: str) -> Decrypted:
+    async def fetch(self, key: str, layout: str = "") -> Decrypted:
+        """``key`` in the CPU tier in ``layout`` ("" = as opened), opened and prepared first if
+        need be (once, however many ask at the same time)."""
         failed = self._failed.get(key)
         if failed is not None:
             reason, when = failed
             if self._clock() - when < self._failure_ttl:
                 raise AdapterUnavailable(key, reason)
             del self._failed[key]
-        hit = self._cpu.get(key)
-        if hit is not None:
+        entry = self._cpu.get(key)
+        if entry is not None and layout in entry.forms:
             self.counters.cpu_hits += 1
-            return hit
+            return entry.forms[layout]
         self.counters.cpu_misses += 1
-        task = self._fetching.get(key)
+        flight = (key, layout)
+        task = self._fetching.get(flight)
         if task is None:
-            task = asyncio.create_task(self._fetch(key), name=f"fetch:{key}")
-            self._fetching[key] = task
-            task.add_done_callback(lambda _t, k=key: self._fetching.pop(k, None))
+            task = asyncio.create_task(self._fetch(key, layout), name=f"fetch:{key}:{layout}")
+            self._fetching[flight] = task
+            task.add_done_callback(lambda _t, f=flight: self._fetching.pop(f, None))
         return await asyncio.shield(task)
 
-    async def _fetch(self, key: str) -> Decrypted:
+    async def _fetch(self, key: str, layout: str) -> Decrypted:
         generation = self._generation.get(key, 0)
         t0 = time.perf_counter()
-        self.counters.fetches += 1
         try:
-            adapter = await self.source.open(key)
-            if self._prepare is not None:
-                adapter = await asyncio.to_thread(self._prepare, adapter)
+            entry = self._cpu.peek(key)
+            opened = entry.forms.get("") if entry is not None else None
+            if opened is None:
+                self.counters.fetches += 1
+                opened = await self.source.open(key)
+            form = opened
+            if layout:
+                preparer = self._layouts().get(layout)
+                if preparer is None:
+                    raise CacheError(f"no backend loads layout {layout!r}")
+                form = await asyncio.to_thread(preparer.prepare, opened)
         except UnknownAdapter:
             raise
         except AdapterUnavailable as exc:
@@ -131,9 +159,20 @@ class AdapterCache:
         self.counters.fetch_latency.observe(time.perf_counter() - t0)
         if self._generation.get(key, 0) != generation:
             raise UnknownAdapter(key)  # removed while it was being opened
-        evicted = self._cpu.put(key, adapter, adapter.nbytes, adapter.tenant)
+        self._keep(key, opened, layout, form)
+        return form
+
+    def _keep(self, key: str, opened: Decrypted, layout: str, form: Decrypted) -> None:
+        """Add ``form`` to the entry of ``key``, keeping only the forms some backend loads."""
+        entry = self._cpu.peek(key)
+        forms = dict(entry.forms) if entry is not None else {}
+        forms[layout] = form
+        wanted = self._layouts().keys() | {layout}
+        if "" in wanted:
+            forms[""] = opened
+        kept = _Forms(opened.tenant, {k: v for k, v in forms.items() if k in wanted})
+        evicted = self._cpu.put(key, kept, kept.nbytes, opened.tenant)
         self.counters.cpu_evictions += len(evicted)
-        return adapter
 
     def _fail(self, key: str, reason: str) -> None:
         self.counters.fetch_failures += 1
@@ -156,7 +195,7 @@ class AdapterCache:
         await asyncio.shield(task)
 
     async def _load(self, dev: _Device, key: str) -> None:
-        adapter = await self.fetch(key)
+        adapter = await self.fetch(key, dev.slots.layout)
         t0 = time.perf_counter()
         async with dev.room:  # choosing victims and taking a slot; the copy itself runs outside
             if key in dev.order:
@@ -225,7 +264,7 @@ class AdapterCache:
 
     def prefetch(self, key: str, backend: str | None = None) -> asyncio.Task:
         """Warm ``key`` ahead of a request (errors are recorded, not raised)."""
-        coro = self.load(key, backend) if backend else self.fetch(key)
+        coro = self.load(key, backend) if backend else self.warm(key)
         task = asyncio.create_task(coro, name=f"prefetch:{key}")
         self._background.add(task)
         task.add_done_callback(self._prefetched)
@@ -276,8 +315,14 @@ class AdapterCache:
                     await self._unload(dev, key)
 
     # ---- pinning and introspection ------------------------------------------------------
+    async def warm(self, key: str) -> None:
+        """Bring ``key`` into the CPU tier in every layout its backends load."""
+        for layout in self._layouts() or {"": None}:
+            await self.fetch(key, layout)
+
     async def pin(self, key: str) -> None:
-        await self.fetch(key)
+        """Keep ``key`` in the CPU tier, in every layout its backends load."""
+        await self.warm(key)
         self._cpu.pin(key)
 
     def unpin(self, key: str) -> None:
@@ -295,7 +340,7 @@ class AdapterCache:
             state = State.FAILED
         elif any(key in d.loading for d in self._devices.values()):
             state = State.LOADING
-        elif key in self._fetching:
+        elif any(flight[0] == key for flight in self._fetching):
             state = State.FETCHING
         elif backends:
             state = State.IN_SLOT
@@ -312,9 +357,9 @@ class AdapterCache:
         c = self.counters
         tenants: dict[str, int] = {}
         for key in self._cpu.keys():
-            adapter = self._cpu.peek(key)
-            if adapter is not None:
-                tenants[adapter.tenant] = tenants.get(adapter.tenant, 0) + adapter.nbytes
+            entry = self._cpu.peek(key)
+            if entry is not None:
+                tenants[entry.tenant] = tenants.get(entry.tenant, 0) + entry.nbytes
         return {
             "cpu": {"bytes": self._cpu.used, "budget_bytes": self._cpu.budget, "adapters": len(self._cpu),
                     "hits": c.cpu_hits, "misses": c.cpu_misses, "hit_rate": c.hit_rate("cpu"),

@@ -15,7 +15,7 @@ from adapters.keys import RecipientPrivateKey, SigningPublicKey
 from adapters.package import open_package
 
 from .errors import AdapterUnavailable
-from .types import Decrypted, LoraSpec
+from .types import Decrypted
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +60,7 @@ class TsspSource:
         return Decrypted(
             key=key,
             tenant=ref.tenant,
-            spec=LoraSpec(rank=m.rank, alpha=m.alpha, target_modules=tuple(m.target_modules), use_rslora=m.use_rslora),
+            lora=m.lora(),
             tensors=opened.tensors,
             nbytes=sum(t.numel() * t.element_size() for t in opened.tensors.values()),
         )

@@ -7,6 +7,8 @@ import enum
 from collections.abc import Mapping
 from typing import Any, Protocol
 
+from adapters.lora import LoraConfig
+
 
 class Tier(str, enum.Enum):
     DISK = "disk"
@@ -24,22 +26,12 @@ class State(str, enum.Enum):
 
 
 @dataclasses.dataclass(frozen=True)
-class LoraSpec:
-    """The adapter config a slot needs (mirrors the engine's, without importing it)."""
-
-    rank: int
-    alpha: float
-    target_modules: tuple[str, ...]
-    use_rslora: bool = False
-
-
-@dataclasses.dataclass(frozen=True)
 class Decrypted:
     """An adapter opened from its package: plain tensors in RAM, never on disk."""
 
     key: str
     tenant: str
-    spec: LoraSpec
+    lora: LoraConfig
     tensors: Mapping[str, Any]  # name -> torch.Tensor
     nbytes: int
 
@@ -52,7 +44,16 @@ class AdapterSource(Protocol):
 
 
 class SlotBackend(Protocol):
-    """A backend's device slots, as the cache sees them (the gateway adapts each Backend)."""
+    """A backend's device slots, as the cache sees them (the gateway adapts each Backend).
+
+    ``layout`` names the form ``load`` copies fastest ("" = the adapter as opened); backends of
+    one layout share the CPU tier's copy in it. ``prepare`` (blocking, run off the event loop)
+    turns an opened adapter into that form, or raises to refuse it; it is never called for
+    layout ""."""
+
+    layout: str
+
+    def prepare(self, adapter: Decrypted) -> Decrypted: ...
 
     async def load(self, key: str, adapter: Decrypted) -> None: ...
 

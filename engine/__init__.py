@@ -2,7 +2,7 @@
 
 Knows nothing of tenants, HTTP or packages: adapters arrive as plain tensors.
 """
-from .config import DEFAULT_MODEL, EngineConfig
+from .config import DEFAULT_MODEL, EngineConfig, default_cache_dir
 from .engine import Engine
 from .lora import StackedLora
 from .errors import (
@@ -37,5 +37,5 @@ __all__ = [
     "AdapterNotFound", "AdapterRankTooLarge", "AdapterSlotsFull", "ContextLengthExceeded", "EngineClosed",
     "EngineError", "EngineOverloaded", "InvalidAdapter", "InvalidRequest", "ModelLoadError", "LORA_TARGETS",
     "AdapterConfig", "Capacity", "ChatMessage", "FinishReason", "GenerationChunk", "GenerationRequest",
-    "ModelInfo", "SamplingParams", "StackedLora",
+    "ModelInfo", "SamplingParams", "StackedLora", "default_cache_dir",
 ]

@@ -12,6 +12,7 @@ import concurrent.futures
 import contextlib
 import functools
 import itertools
+import json
 import logging
 import os
 import queue
@@ -19,6 +20,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -150,6 +152,10 @@ class Engine:
             hidden_size=self.dims.hidden_size, num_layers=self.dims.num_layers,
             dtype=str(self.dtype).removeprefix("torch."), device=str(self.device),
         )
+
+    def model_config(self) -> dict[str, Any]:
+        """The served checkpoint's Hugging Face ``config.json``, as a dict (a copy)."""
+        return json.loads((self.checkpoint / "config.json").read_text())
 
     def count_tokens(self, request: GenerationRequest) -> int:
         return len(self.tokenizer.encode(request))

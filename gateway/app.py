@@ -3,6 +3,7 @@ and the APIs from settings, and starts and stops them with the app's lifespan. O
 process runner (``server``) imports this module."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -14,6 +15,8 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
 from adapters.base_model import BaseModelSpec
+from adapters.errors import InvalidAdapter
+from adapters.peft import read_peft_dir, validate_adapter
 from cache import AdapterCache
 from cache.tssp import TsspSource
 
@@ -26,13 +29,13 @@ from .api.openai import OpenAiApi
 from .api.operations import OperationsApi
 from .api.routes import routes
 from .api.tenant import TenantApi
-from .backends import Backend, LoraConfig, create_backend
+from .backends import Backend, create_backend
 from .periodic import Periodic
 from .serving.auto import AutoSelector
 from .serving.completions import CompletionService
 from .serving.names import ModelNames
 from .serving.slots import BackendSlots
-from .settings import Settings
+from .settings import Settings, SettingsError
 from .store import StoreUnavailable, open_store
 from .store.health import StoreHealth
 from .store.outage import redis_client
@@ -56,7 +59,7 @@ def load_local_adapters(spec: str) -> list[tuple[str, Path]]:
     for item in filter(None, (part.strip() for part in spec.split(","))):
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
-            raise ValueError(f"adapters: expected name=PEFT_DIR, got {item!r}")
+            raise SettingsError("adapters", f"expected name=PEFT_DIR, got {item!r}")
         out.append((name.strip(), Path(path.strip()).expanduser()))
     return out
 
@@ -109,12 +112,11 @@ class Gateway:
         config = await self.backend.model_config()
         base = BaseModelSpec.from_hf_config(s.model_name, config) if config is not None else None
         if s.adapters:
-            await self._load_local_adapters()
+            await self._load_local_adapters(base)
         source = TsspSource(StoredPackages(self.store, self.blobs),
                             lambda: [k.private for k in self.keys.recipient_keys()], base)
         slots = BackendSlots(self.backend)
-        self.cache = AdapterCache(source, cpu_budget_bytes=s.cpu_cache_mb << 20, tenant_share=s.tenant_cache_share,
-                                  prepare=slots.prepare)
+        self.cache = AdapterCache(source, cpu_budget_bytes=s.cpu_cache_mb << 20, tenant_share=s.tenant_cache_share)
         self.cache.add_backend(self.backend.name, slots)
         self.tenancy = Tenancy(self.store, self.auth, self.keys, self.blobs, self.cache, base, self.names.reserved(),
                                on_change=self._registry_changed, usage=self.usage)
@@ -151,14 +153,18 @@ class Gateway:
         self.auth.forget()
         self.names.forget()
 
-    async def _load_local_adapters(self) -> None:
-        from engine.peft_dir import load_peft_dir  # reads PEFT directories into plain tensors
-
+    async def _load_local_adapters(self, base: BaseModelSpec | None) -> None:
+        """The operator's development adapters (``adapters``), read and checked like uploads:
+        a PEFT feature the backends would serve wrongly (DoRA, modules_to_save, rank_pattern,
+        ...) or tensors that do not fit the base model stop the start with the reason."""
         for name, path in load_local_adapters(self.settings.adapters):
-            config, tensors = load_peft_dir(path)
+            try:
+                config, tensors = await asyncio.to_thread(read_peft_dir, path)
+                validate_adapter(config, tensors, base)
+            except InvalidAdapter as exc:
+                raise SettingsError("adapters", f"{name}={path}: {exc.problem}") from None
             adapter_id = f"local:{name}"
-            await self.backend.load_adapter(adapter_id, tensors, LoraConfig(
-                config.rank, config.alpha, config.target_modules, config.use_rslora))
+            await self.backend.load_adapter(adapter_id, tensors, config)
             self.names.add_local(name, adapter_id, int(time.time()))
             log.info("adapter %s loaded (rank %d, %s)", name, config.rank, ",".join(config.target_modules))
 

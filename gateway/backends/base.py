@@ -11,6 +11,8 @@ import dataclasses
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from adapters.lora import LoraConfig
+
 Role = Literal["system", "user", "assistant"]
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -55,14 +57,6 @@ class BackendChunk:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class LoraConfig:
-    rank: int
-    alpha: float
-    target_modules: tuple[str, ...]
-    use_rslora: bool = False
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
 class Capacity:
     free_sequence_slots: int
     free_adapter_slots: int
@@ -95,11 +89,15 @@ class Backend(Protocol):
 
     def abort(self, request_id: str) -> None: ...
 
+    def adapter_layout(self) -> str:
+        """The name of the form ``prepare_adapter`` returns; backends of one layout share the
+        CPU tier's prepared copy ("": the tensors as opened, no preparing)."""
+
     def prepare_adapter(self, adapter_id: str, tensors: Mapping[str, Any], config: LoraConfig) -> Mapping[str, Any]:
         """Check an adapter and convert its tensors into the form ``load_adapter`` copies
-        fastest (blocking: called off the event loop, once per CPU-cache fill). Raises
-        AdapterProblem when the adapter cannot run here; a backend without a preferred layout
-        returns ``tensors`` unchanged."""
+        fastest (blocking: called off the event loop, once per CPU-cache fill of this layout).
+        Raises AdapterProblem when the adapter cannot run here; a backend without a preferred
+        layout returns ``tensors`` unchanged."""
 
     async def load_adapter(self, adapter_id: str, tensors: Mapping[str, Any], config: LoraConfig) -> None: ...
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
-import json
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import engine as eng
+from adapters.lora import LoraConfig
 
-from .base import BackendChunk, BackendRequest, Capacity, Health, LoraConfig
+from ..settings import Settings
+from .base import BackendChunk, BackendRequest, Capacity, Health
 from .errors import AdapterProblem, BackendOverloaded, BackendUnavailable, BadRequest, ContextTooLong
 
 _ADAPTER_KINDS: dict[type, str] = {
@@ -33,18 +34,31 @@ def _translate(exc: eng.EngineError) -> Exception:
     return BackendUnavailable(str(exc))
 
 
+def engine_config(settings: Settings) -> eng.EngineConfig:
+    """The engine's options from the gateway's settings (the engine owns their defaults)."""
+    return eng.EngineConfig(
+        model=settings.model, cache_dir=settings.model_cache or eng.default_cache_dir(), device=settings.device,
+        dtype=settings.dtype,  # type: ignore[arg-type]
+        max_num_seqs=settings.max_num_seqs, max_model_len=settings.max_model_len, max_queue=settings.max_queue,
+        prefill_chunk_tokens=settings.prefill_chunk_tokens, max_loras=settings.max_loras,
+        max_lora_rank=settings.max_lora_rank, mode=settings.engine_mode,  # type: ignore[arg-type]
+    )
+
+
 def _engine_config(config: LoraConfig) -> eng.AdapterConfig:
     return eng.AdapterConfig(rank=config.rank, alpha=config.alpha, target_modules=config.target_modules,
                              use_rslora=config.use_rslora)
 
 
 class EmbeddedBackend:
-    """Owns one :class:`engine.Engine`; the model loads in a worker thread on ``start``."""
+    """Owns one :class:`engine.Engine`; the model loads in a worker thread on ``start``.
+    ``engine``: one already running, which stays its owner's (``close`` leaves it running)."""
 
-    def __init__(self, config: eng.EngineConfig, name: str = "embedded") -> None:
+    def __init__(self, config: eng.EngineConfig, name: str = "embedded", *, engine: eng.Engine | None = None) -> None:
         self.name = name
         self.config = config
-        self.engine: eng.Engine | None = None
+        self.engine = engine
+        self._owns_engine = engine is None
 
     async def start(self) -> None:
         if self.engine is None:
@@ -60,7 +74,8 @@ class EmbeddedBackend:
     async def close(self) -> None:
         if self.engine is not None:
             engine, self.engine = self.engine, None
-            await asyncio.to_thread(engine.shutdown)
+            if self._owns_engine:
+                await asyncio.to_thread(engine.shutdown)
 
     def _engine(self) -> eng.Engine:
         if self.engine is None:
@@ -103,6 +118,11 @@ class EmbeddedBackend:
         if self.engine is not None:
             self.engine.abort(request_id)
 
+    def adapter_layout(self) -> str:
+        """The engine's stacked slot layout, which depends on its model and dtype."""
+        info = self._engine().info()
+        return f"engine:{info.name}:{info.dtype}"
+
     def prepare_adapter(self, adapter_id: str, tensors: Mapping[str, Any], config: LoraConfig) -> Mapping[str, Any]:
         try:
             return self._engine().prepare_adapter(adapter_id, tensors, _engine_config(config))
@@ -133,9 +153,7 @@ class EmbeddedBackend:
                       detail=f"{info.device}/{info.dtype}")
 
     async def model_config(self) -> dict[str, Any] | None:
-        if self.engine is None:
-            return None
-        return json.loads((self.engine.checkpoint / "config.json").read_text())
+        return self.engine.model_config() if self.engine is not None else None
 
     def capacity(self) -> Capacity:
         if self.engine is None:

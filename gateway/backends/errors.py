@@ -1,4 +1,5 @@
-"""Errors any backend raises; the gateway maps them to HTTP in one place (gateway/app.py).
+"""Errors any backend raises; the serving path maps them to HTTP in one place
+(``serving.completions.api_error``).
 
 Hierarchy::
 

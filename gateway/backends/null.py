@@ -7,13 +7,34 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import json
 from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
 from typing import Any
 
-from .base import BackendChunk, BackendRequest, Capacity, Health, LoraConfig
+from adapters.lora import LoraConfig
+
+from .base import BackendChunk, BackendRequest, Capacity, Health
 from .errors import AdapterProblem, BackendOverloaded, BackendUnavailable, BadRequest, ContextTooLong
 
 WORD = "tok"
+#: the shape of the default model (SmolLM2-135M), so adapters for it validate on this backend
+#: as on the real one without any checkpoint at hand
+SMOLLM2_135M = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576,
+                "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+                "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152, "max_position_embeddings": 8192}
+KNOWN_MODELS = {"smollm2-135m-instruct": SMOLLM2_135M}
+
+
+def model_config_of(model: str) -> dict[str, Any] | None:
+    """The config the null backend reports for ``model``: a Hugging Face checkpoint directory's
+    own ``config.json``, the built-in shape of a known model name, else none (uploads are then
+    refused, as the gateway cannot check adapters against an unknown model)."""
+    config_file = Path(model).expanduser() / "config.json"
+    if config_file.is_file():
+        return json.loads(config_file.read_text())
+    known = KNOWN_MODELS.get(model)
+    return dict(known) if known is not None else None
 
 
 class NullBackend:
@@ -121,6 +142,9 @@ class NullBackend:
 
     def abort(self, request_id: str) -> None:
         self._aborted.add(request_id)
+
+    def adapter_layout(self) -> str:
+        return ""
 
     def prepare_adapter(self, adapter_id: str, tensors: Mapping[str, Any], config: LoraConfig) -> Mapping[str, Any]:
         if config.rank > self.max_lora_rank:

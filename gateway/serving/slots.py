@@ -3,26 +3,24 @@ from __future__ import annotations
 
 import dataclasses
 
-from cache import Decrypted
+from cache import AdapterUnavailable, Decrypted
 
-from ..backends import Backend, LoraConfig
-
-
-def _config(adapter: Decrypted) -> LoraConfig:
-    s = adapter.spec
-    return LoraConfig(s.rank, s.alpha, s.target_modules, s.use_rslora)
+from ..backends import Backend
+from ..backends.errors import BackendError
 
 
 class BackendSlots:
-    """``cache.SlotBackend`` over any Backend."""
+    """``cache.SlotBackend`` over any Backend. Its layout is the backend's
+    (``Backend.adapter_layout``): the CPU tier keeps each adapter prepared once per layout."""
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
+        self.layout = backend.adapter_layout()
 
     def prepare(self, adapter: Decrypted) -> Decrypted:
-        """The cache's ``prepare`` hook: keep adapters in the CPU tier in the backend's own
-        layout (for the embedded engine: stacked in its dtype), so a warm load is a plain copy."""
-        tensors = self.backend.prepare_adapter(adapter.key, adapter.tensors, _config(adapter))
+        """The backend's own form of ``adapter`` (for the embedded engine: stacked in its dtype),
+        so a warm load is a plain copy."""
+        tensors = self.backend.prepare_adapter(adapter.key, adapter.tensors, adapter.lora)
         if tensors is adapter.tensors:
             return adapter
         nbytes = getattr(tensors, "nbytes", None)  # a prepared layout knows its size: no walk over views
@@ -31,7 +29,10 @@ class BackendSlots:
         return dataclasses.replace(adapter, tensors=tensors, nbytes=nbytes)
 
     async def load(self, key: str, adapter: Decrypted) -> None:
-        await self.backend.load_adapter(key, adapter.tensors, _config(adapter))
+        try:
+            await self.backend.load_adapter(key, adapter.tensors, adapter.lora)
+        except BackendError as exc:  # the adapter cannot run on this backend (its rank, say)
+            raise AdapterUnavailable(key, str(exc)) from None
 
     async def unload(self, key: str) -> None:
         await self.backend.unload_adapter(key)

@@ -15,7 +15,8 @@ import torch
 
 from adapters.keys import generate_signing_key, load_signing_private, save_signing_key
 from adapters.package import pack
-from adapters.peft import PeftAdapterConfig
+from adapters.lora import LoraConfig
+from adapters.peft import lora_config
 from adapters.validate import lora_tensor_name
 
 from .auth import write_secret_file
@@ -79,7 +80,7 @@ async def ensure_demo(tenancy: Tenancy, data_dir: Path) -> tuple[str, Path, tupl
     return key_file.read_text().strip() if key_file.exists() else "", key_file, names
 
 
-def _demo_lora(tenancy: Tenancy, rank: int, modules: tuple[str, ...], seed: int) -> tuple[PeftAdapterConfig, dict]:
+def _demo_lora(tenancy: Tenancy, rank: int, modules: tuple[str, ...], seed: int) -> tuple[LoraConfig, dict]:
     spec = tenancy.base_model
     assert spec is not None
     gen = torch.Generator().manual_seed(seed)
@@ -89,6 +90,6 @@ def _demo_lora(tenancy: Tenancy, rank: int, modules: tuple[str, ...], seed: int)
             in_f, out_f = spec.projection_shape(module)
             tensors[lora_tensor_name(layer, module, "A")] = (torch.randn(rank, in_f, generator=gen) / in_f ** 0.5)
             tensors[lora_tensor_name(layer, module, "B")] = torch.randn(out_f, rank, generator=gen) * 0.02
-    config = PeftAdapterConfig.from_dict({"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank,
+    config = lora_config({"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank,
                                          "target_modules": list(modules)})
     return config, {k: v.to(torch.bfloat16) for k, v in tensors.items()}

@@ -15,7 +15,8 @@ from adapters.limits import Limits
 from adapters.keys import RecipientPrivateKey, SigningPrivateKey, generate_signing_key
 from adapters.manifest import Manifest
 from adapters.package import inspect, open_package, pack, read_unverified_manifest
-from adapters.peft import PeftAdapterConfig, read_peft_dir
+from adapters.lora import LoraConfig
+from adapters.peft import read_peft_dir
 from adapters.signatures import sign
 
 from .builders import (ALL_MODULES, SMOLLM2, SMOLLM2_2L, bits, lora_tensors, peft_config, seal,
@@ -59,7 +60,7 @@ def test_manifest_describes_the_adapter(small_package: bytes, small_dir: Path,
 
 def test_tensors_can_be_packed_from_memory(signer_a: SigningPrivateKey, recipient: RecipientPrivateKey) -> None:
     tensors = lora_tensors(SMOLLM2_2L, 2, ("o_proj",), torch.float32)
-    data = pack((PeftAdapterConfig(2, 4.5, ("o_proj",), use_rslora=True), tensors), tenant="t",
+    data = pack((LoraConfig(2, 4.5, ("o_proj",), use_rslora=True), tensors), tenant="t",
                 name="n", version="v1", base_model=SMOLLM2_2L.model_id, signer=signer_a,
                 recipient=recipient.public_key())
     opened = open_package(data, trusted_signers=[signer_a.public_key()], recipient_keys=[recipient],

@@ -10,7 +10,8 @@ import torch
 from adapters.base_model import BaseModelSpec
 from adapters.errors import BaseModelConfigError, InvalidAdapter
 from adapters.limits import Limits
-from adapters.peft import PeftAdapterConfig, read_peft_dir, validate_adapter
+from adapters.lora import LoraConfig
+from adapters.peft import read_peft_dir, validate_adapter
 from adapters.validate import lora_tensor_name
 
 from .builders import SMOLLM2, SMOLLM2_2L, lora_tensors, peft_config, write_peft_dir
@@ -37,7 +38,7 @@ def test_reads_and_validates_output_of_peft_save_pretrained(tmp_path: Path) -> N
     config, tensors = read_peft_dir(tmp_path / "out")
     base = BaseModelSpec.from_hf_config("tiny-llama", hf_config.to_dict())
     validate_adapter(config, tensors, base, Limits())
-    assert (config.r, config.lora_alpha, config.target_modules) == (4, 8, ("down_proj", "q_proj", "v_proj"))
+    assert (config.rank, config.alpha, config.target_modules) == (4, 8, ("down_proj", "q_proj", "v_proj"))
     assert len(tensors) == 2 * 3 * 2
     expected = model.base_model.model.model.layers[1].self_attn.v_proj.lora_B["default"].weight
     assert torch.equal(tensors[lora_tensor_name(1, "v_proj", "B")], expected.detach())
@@ -82,7 +83,7 @@ def test_unsupported_peft_features_are_refused_by_name(tmp_path: Path, setting: 
         _read(tmp_path, peft_config(4, QV, **setting), lora_tensors(SMOLLM2_2L, 4, QV))
 
 
-def _validate(config: PeftAdapterConfig, tensors: dict[str, torch.Tensor],
+def _validate(config: LoraConfig, tensors: dict[str, torch.Tensor],
               base: BaseModelSpec | None = SMOLLM2_2L, limits: Limits = Limits()) -> None:
     validate_adapter(config, tensors, base, limits)
 
@@ -91,24 +92,24 @@ def test_wrong_lora_b_shape_is_refused_with_expected_shape() -> None:
     tensors = lora_tensors(SMOLLM2_2L, 4, QV)
     tensors[lora_tensor_name(1, "v_proj", "B")] = torch.zeros(576, 4, dtype=torch.bfloat16)
     with pytest.raises(InvalidAdapter, match=r"layers\.1\.self_attn\.v_proj\.lora_B.*\[576, 4\], expected \[192, 4\]"):
-        _validate(PeftAdapterConfig(4, 8, QV), tensors)
+        _validate(LoraConfig(4, 8, QV), tensors)
 
 
 def test_lora_a_with_another_rank_is_refused() -> None:
     tensors = lora_tensors(SMOLLM2_2L, 4, QV)
     tensors[lora_tensor_name(0, "q_proj", "A")] = torch.zeros(8, 576, dtype=torch.bfloat16)
     with pytest.raises(InvalidAdapter, match=r"lora_A must be r x in_features, r=4"):
-        _validate(PeftAdapterConfig(4, 8, QV), tensors, base=None)
+        _validate(LoraConfig(4, 8, QV), tensors, base=None)
 
 
 def test_unknown_target_module_is_refused() -> None:
     with pytest.raises(InvalidAdapter, match="target module 'lm_head' is not supported"):
-        _validate(PeftAdapterConfig(4, 8, ("lm_head", "q_proj")), lora_tensors(SMOLLM2_2L, 4, ("q_proj",)))
+        _validate(LoraConfig(4, 8, ("lm_head", "q_proj")), lora_tensors(SMOLLM2_2L, 4, ("q_proj",)))
 
 
 def test_rank_above_the_limit_is_refused_with_both_numbers() -> None:
     with pytest.raises(InvalidAdapter, match="rank 16 exceeds max_rank 8"):
-        _validate(PeftAdapterConfig(16, 8, QV), lora_tensors(SMOLLM2_2L, 16, QV), limits=Limits(max_rank=8))
+        _validate(LoraConfig(16, 8, QV), lora_tensors(SMOLLM2_2L, 16, QV), limits=Limits(max_rank=8))
 
 
 def test_disallowed_dtype_is_refused() -> None:
@@ -116,33 +117,33 @@ def test_disallowed_dtype_is_refused() -> None:
     name = lora_tensor_name(0, "q_proj", "A")
     tensors[name] = tensors[name].to(torch.float64)
     with pytest.raises(InvalidAdapter, match="dtype torch.float64"):
-        _validate(PeftAdapterConfig(4, 8, QV), tensors)
+        _validate(LoraConfig(4, 8, QV), tensors)
 
 
 def test_extra_tensor_is_refused_by_name() -> None:
     tensors = lora_tensors(SMOLLM2_2L, 4, QV)
     tensors["base_model.model.lm_head.weight"] = torch.zeros(4, 4, dtype=torch.bfloat16)
     with pytest.raises(InvalidAdapter, match="unexpected tensor 'base_model.model.lm_head.weight'"):
-        _validate(PeftAdapterConfig(4, 8, QV), tensors)
+        _validate(LoraConfig(4, 8, QV), tensors)
 
 
 def test_tensor_of_module_outside_target_modules_is_refused() -> None:
     tensors = lora_tensors(SMOLLM2_2L, 4, ("q_proj", "v_proj", "k_proj"))
     with pytest.raises(InvalidAdapter, match="module 'k_proj' is not in target_modules"):
-        _validate(PeftAdapterConfig(4, 8, QV), tensors)
+        _validate(LoraConfig(4, 8, QV), tensors)
 
 
 def test_missing_layer_is_refused() -> None:
     tensors = lora_tensors(SMOLLM2_2L, 4, QV)
     del tensors[lora_tensor_name(1, "q_proj", "B")]
     with pytest.raises(InvalidAdapter, match=r"missing tensor .*layers\.1\.self_attn\.q_proj\.lora_B"):
-        _validate(PeftAdapterConfig(4, 8, QV), tensors)
+        _validate(LoraConfig(4, 8, QV), tensors)
 
 
 def test_adapter_for_a_deeper_model_is_refused() -> None:
     tensors = lora_tensors(SMOLLM2, 4, QV)
     with pytest.raises(InvalidAdapter, match="layer 2 does not exist"):
-        _validate(PeftAdapterConfig(4, 8, QV), tensors)
+        _validate(LoraConfig(4, 8, QV), tensors)
 
 
 def test_pickle_only_directory_is_refused_without_loading(tmp_path: Path) -> None:

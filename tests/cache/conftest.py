@@ -1,49 +1,19 @@
-"""Real TSSP packages on disk, a real engine's slots, and the cache between them."""
+"""Real TSSP packages on disk, a real engine's slots (through the gateway's own slot adapter
+over the embedded backend), and the cache between them."""
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 from pathlib import Path
 
 import pytest
 
 from adapters.keys import generate_recipient_key, generate_signing_key
 from adapters.package import pack
-from cache import AdapterCache, Decrypted, UnknownAdapter
+from cache import AdapterCache, UnknownAdapter
 from cache.tssp import PackageRef, TsspSource
-from engine import AdapterConfig, Engine, EngineConfig
+from engine import Engine, EngineConfig
+from gateway.backends.embedded import EmbeddedBackend
+from gateway.serving.slots import BackendSlots
 from tests.adapters.builders import SMOLLM2, SMOLLM2_ID, lora_tensors, peft_config, write_peft_dir
-
-
-def _config(adapter: Decrypted) -> AdapterConfig:
-    s = adapter.spec
-    return AdapterConfig(rank=s.rank, alpha=s.alpha, target_modules=s.target_modules, use_rslora=s.use_rslora)
-
-
-class EngineSlots:
-    """The engine's adapter API seen through the cache's slot protocol (what the gateway's
-    backend adapter does for every backend)."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self.load_calls = 0
-
-    def prepare(self, adapter: Decrypted) -> Decrypted:
-        tensors = self.engine.prepare_adapter(adapter.key, adapter.tensors, _config(adapter))
-        return dataclasses.replace(adapter, tensors=tensors, nbytes=tensors.nbytes)
-
-    async def load(self, key: str, adapter: Decrypted) -> None:
-        self.load_calls += 1
-        await asyncio.to_thread(self.engine.load_adapter, key, adapter.tensors, _config(adapter))
-
-    async def unload(self, key: str) -> None:
-        self.engine.unload_adapter(key)
-
-    def resident(self) -> set[str]:
-        return set(self.engine.adapters())
-
-    def free_slots(self) -> int:
-        return self.engine.capacity().free_adapter_slots
 
 
 class Registry:
@@ -96,19 +66,14 @@ def source(registry: Registry, keys) -> TsspSource:
     return TsspSource(registry.lookup, lambda: [keys["recipient"]], base_model=SMOLLM2)
 
 
-@pytest.fixture(scope="session")
-def engine(checkpoint: Path):
-    e = Engine(EngineConfig(model=str(checkpoint), max_num_seqs=4, max_model_len=128, max_loras=2, max_lora_rank=8))
-    e.start()
-    yield e
-    e.shutdown()
+@pytest.fixture()
+def engine(small_engine: Engine) -> Engine:
+    return small_engine
 
 
 @pytest.fixture()
-def slots(engine: Engine):
-    for aid in engine.adapters():
-        engine.unload_adapter(aid)
-    return EngineSlots(engine)
+def slots(engine: Engine) -> BackendSlots:
+    return BackendSlots(EmbeddedBackend(EngineConfig(), engine=engine))
 
 
 ADAPTER_BYTES = 30 * (4 * 576 + 576 * 4) * 2  # rank 4, q_proj, 30 layers, bf16

@@ -9,6 +9,8 @@ import pytest
 from cache import AdapterBusy, AdapterCache, AdapterUnavailable, BudgetExceeded, State, Tier, UnknownAdapter
 from cache.tssp import PackageRef
 from engine import AdapterConfig, StackedLora
+from gateway.backends.null import NullBackend
+from gateway.serving.slots import BackendSlots
 
 from .conftest import ADAPTER_BYTES
 
@@ -18,7 +20,7 @@ async def test_cold_fetch_then_cpu_hit(cache: AdapterCache) -> None:
     first = await cache.fetch("a/ad0")
     again = await cache.fetch("a/ad0")
     assert again is first
-    assert first.nbytes == ADAPTER_BYTES and first.spec.rank == 4
+    assert first.nbytes == ADAPTER_BYTES and first.lora.rank == 4
     st = cache.status("a/ad0")
     assert st.state is State.IN_CPU and st.tiers == (Tier.DISK, Tier.CPU)
     assert cache.counters.fetches == 1 and cache.counters.cpu_hits == 1 and cache.counters.cpu_misses == 1
@@ -31,7 +33,7 @@ async def test_hundred_concurrent_requests_share_one_fetch_and_one_load(cache: A
 
     await asyncio.gather(*(request() for _ in range(100)))
     assert cache.counters.fetches == 1
-    assert slots.load_calls == 1 and registry.lookups == 1
+    assert cache.counters.loads == 1 and registry.lookups == 1
     assert cache.status("a/ad1").backends == ("embedded",)
 
 
@@ -76,7 +78,7 @@ async def test_verbs_are_idempotent(cache: AdapterCache, slots) -> None:
     cache.evict("a/ad0")
     assert cache.status("a/ad0").state is State.ON_DISK
     await cache.load("a/ad0", "embedded")  # warm path gone: a cold fetch again
-    assert cache.counters.fetches == 2 and slots.load_calls == 2
+    assert cache.counters.fetches == 2 and cache.counters.loads == 2
 
 
 async def test_cpu_budget_evicts_in_lru_order_and_pinning_raises(source) -> None:
@@ -200,29 +202,73 @@ async def test_requests_for_different_adapters_do_not_evict_each_others_fresh_lo
     await holder
 
 
-async def test_prepared_cpu_tier_holds_the_slot_layout_and_concurrent_loads_share_the_slots(source, slots) -> None:
-    cache = AdapterCache(source, cpu_budget_bytes=16 * ADAPTER_BYTES, prepare=slots.prepare)
+async def test_the_cpu_tier_keeps_the_slot_layout_and_concurrent_loads_share_the_slots(source, slots) -> None:
+    cache = AdapterCache(source, cpu_budget_bytes=16 * ADAPTER_BYTES)
     cache.add_backend("embedded", slots)
-    adapter = await cache.fetch("a/ad0")
-    assert isinstance(adapter.tensors, StackedLora) and adapter.tensors.dtype == slots.engine.dtype
-    assert adapter.nbytes == adapter.tensors.nbytes == cache.stats()["cpu"]["bytes"]
+    await cache.load("a/ad0", "embedded")
+    adapter = await cache.fetch("a/ad0", slots.layout)
+    assert isinstance(adapter.tensors, StackedLora) and adapter.tensors.dtype == slots.backend.engine.dtype
+    assert adapter.nbytes == adapter.tensors.nbytes == cache.stats()["cpu"]["bytes"]  # that form only
+    assert cache.counters.cpu_hits == 1
     # three loads at once for two slots: the copies overlap, the third evicts, none overflows
-    await asyncio.gather(*(cache.fetch(k) for k in ("a/ad1", "a/ad2")))
+    await asyncio.gather(*(cache.fetch(k, slots.layout) for k in ("a/ad1", "a/ad2")))
     await asyncio.gather(*(cache.load(k, "embedded") for k in ("a/ad0", "a/ad1", "a/ad2")))
-    assert len(slots.resident()) == 2 and slots.load_calls == 3 and cache.counters.offloads == 1
+    assert len(slots.resident()) == 2 and cache.counters.loads == 3 and cache.counters.offloads == 1
     assert cache.stats()["device"]["embedded"]["adapters"] == 2
     async with cache.lease("a/ad3", "embedded"):
         assert "a/ad3" in slots.resident()
 
 
-async def test_a_failing_prepare_marks_only_that_adapter_failed(source, slots) -> None:
-    def prepare(adapter):
-        if adapter.key == "a/ad1":
-            raise ValueError("rank 4 adapters are not accepted here")
-        return slots.prepare(adapter)
-
-    cache = AdapterCache(source, cpu_budget_bytes=16 * ADAPTER_BYTES, prepare=prepare)
+async def test_backends_of_two_layouts_each_get_their_form_from_one_open(source, slots) -> None:
+    null = BackendSlots(NullBackend(max_loras=2, max_lora_rank=8))
+    await null.backend.start()
+    assert (null.layout, bool(slots.layout)) == ("", True)
+    cache = AdapterCache(source, cpu_budget_bytes=16 * ADAPTER_BYTES)
     cache.add_backend("embedded", slots)
+    cache.add_backend("null", null)
+    await cache.load("a/ad0", "embedded")
+    await cache.load("a/ad0", "null")
+    assert cache.counters.fetches == 1  # opened (verified, decrypted) once for both
+    opened, stacked = await cache.fetch("a/ad0"), await cache.fetch("a/ad0", slots.layout)
+    assert not isinstance(opened.tensors, StackedLora) and isinstance(stacked.tensors, StackedLora)
+    assert cache.stats()["cpu"]["bytes"] == opened.nbytes + stacked.nbytes  # both forms are counted
+    assert cache.status("a/ad0").backends == ("embedded", "null")
+    cache.evict("a/ad0")
+    await cache.pin("a/ad1")  # pinning keeps every form a backend loads
+    assert cache.stats()["cpu"]["bytes"] == opened.nbytes + stacked.nbytes  # ad1's two forms, as ad0's
+    assert cache.counters.fetches == 2
+
+
+async def test_a_layout_no_backend_loads_is_not_kept(source, slots) -> None:
+    cache = AdapterCache(source, cpu_budget_bytes=16 * ADAPTER_BYTES)
+    cache.add_backend("embedded", slots)
+    await cache.load("a/ad0", "embedded")
+    stacked = await cache.fetch("a/ad0", slots.layout)
+    assert cache.stats()["cpu"]["bytes"] == stacked.nbytes  # the opened form went once prepared
+    await cache.offload("a/ad0", "embedded")
+    await cache.load("a/ad0", "embedded")  # warm: no second open
+    assert cache.counters.fetches == 1
+
+
+class RefusingSlots:
+    """The embedded backend's slots, whose preparing refuses one adapter."""
+
+    def __init__(self, slots: BackendSlots, refused: str) -> None:
+        self.slots, self.refused, self.layout = slots, refused, slots.layout
+
+    def prepare(self, adapter):
+        if adapter.key == self.refused:
+            raise ValueError("rank 4 adapters are not accepted here")
+        return self.slots.prepare(adapter)
+
+    def __getattr__(self, name: str):
+        return getattr(self.slots, name)
+
+
+async def test_a_failing_prepare_marks_only_that_adapter_failed(source, slots) -> None:
+    refusing = RefusingSlots(slots, "a/ad1")
+    cache = AdapterCache(source, cpu_budget_bytes=16 * ADAPTER_BYTES)
+    cache.add_backend("embedded", refusing)
     with pytest.raises(AdapterUnavailable, match="not accepted here"):
         await cache.load("a/ad1", "embedded")
     status = cache.status("a/ad1")

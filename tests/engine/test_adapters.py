@@ -38,11 +38,8 @@ def lora(rank: int, modules=("q_proj",), layers=range(30), seed: int = 0) -> tup
 
 
 @pytest.fixture()
-def engine(checkpoint: Path):
-    e = Engine(EngineConfig(model=str(checkpoint), max_num_seqs=2, max_model_len=128, max_loras=2, max_lora_rank=8))
-    e.start()
-    yield e
-    e.shutdown()
+def engine(small_engine: Engine) -> Engine:
+    return small_engine
 
 
 def test_slots_fill_then_refuse_and_unload_frees(engine: Engine) -> None:

@@ -18,15 +18,14 @@ ADAPTERS = 1000
 REQUESTS = 600
 
 
-async def test_zipf_stream_over_many_adapters_stays_in_budget(tmp_path, checkpoint):
-    from adapters.peft import PeftAdapterConfig
+async def test_zipf_stream_over_many_adapters_stays_in_budget(tmp_path):
+    from adapters.peft import lora_config
 
     async with running(tmp_path, max_loras=8, cpu_cache_mb=2, tenant_cache_share=1.0) as (app, client):
         w = World(client, app, tmp_path)
         w.recipient = current_recipient_from_document((await client.get("/v1/tssp/recipient")).json())
         await w.setup_tenant("z", quotas={})
-        config = PeftAdapterConfig.from_dict({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
-                                              "target_modules": ["q_proj"]})
+        config = lora_config({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]})
         for i in range(ADAPTERS):
             data = pack((config, lora_tensors(SMOLLM2, 2, ("q_proj",), seed=i)), tenant="z", name=f"m{i}",
                         version="1", base_model="smollm2-135m-instruct", signer=w.signers["z"],

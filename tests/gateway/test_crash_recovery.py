@@ -61,7 +61,7 @@ def leftovers(data_dir: Path, pattern: str) -> list[str]:
     return sorted(p.name for p in (data_dir / "blobs").glob(pattern))
 
 
-def test_uploads_killed_midway_leave_nothing_after_restart(tmp_path, checkpoint):
+def test_uploads_killed_midway_leave_nothing_after_restart(tmp_path):
     data = tmp_path / "data"
     log = tmp_path / "gateway.log"
     admin = {"authorization": f"Bearer {ADMIN}"}

@@ -105,7 +105,7 @@ def _routes(app) -> list[tuple[str, str]]:
     return out
 
 
-def test_no_request_to_any_endpoint_gets_a_5xx(tmp_path, checkpoint):
+def test_no_request_to_any_endpoint_gets_a_5xx(tmp_path):
     app = create_app(settings(tmp_path, admin_key=ADMIN, api_key=None, max_model_len=256, null_tokens=3))
     routes = _routes(app)
     assert len(routes) >= 40  # every route of the app, not a hand-kept list

@@ -19,7 +19,7 @@ from .conftest import BASE, Server, settings
 from .test_tenancy import ADMIN, CHAT, HELLO, World, running
 
 
-async def test_rotated_recipient_keys_keep_old_packages_readable(tmp_path, checkpoint, capsys):
+async def test_rotated_recipient_keys_keep_old_packages_readable(tmp_path, capsys):
     async with running(tmp_path) as (app, client):
         w = World(client, app, tmp_path)
         first = (await client.get("/v1/tssp/recipient")).json()
@@ -41,7 +41,7 @@ async def test_rotated_recipient_keys_keep_old_packages_readable(tmp_path, check
         assert (await w2.upload("a", w2.package("a", "after", seed=3))).status_code == 201
 
 
-async def test_audit_verify_command(tmp_path, checkpoint, capsys):
+async def test_audit_verify_command(tmp_path, capsys):
     async with running(tmp_path) as (app, client):
         await World(client, app, tmp_path).setup_tenant("a")
     args = ["audit", "verify", "--data-dir", str(tmp_path / "data")]
@@ -55,7 +55,7 @@ async def test_audit_verify_command(tmp_path, checkpoint, capsys):
     assert json.loads(capsys.readouterr().out)["problems"]
 
 
-async def test_audit_verify_command_sees_the_newest_entry_deleted(tmp_path, checkpoint, capsys):
+async def test_audit_verify_command_sees_the_newest_entry_deleted(tmp_path, capsys):
     async with running(tmp_path) as (app, client):
         await World(client, app, tmp_path).setup_tenant("a")
     args = ["audit", "verify", "--data-dir", str(tmp_path / "data")]
@@ -68,7 +68,7 @@ async def test_audit_verify_command_sees_the_newest_entry_deleted(tmp_path, chec
     assert not verdict["intact"] and "removed from its end" in verdict["problems"][0]
 
 
-def test_admin_cli_drives_the_admin_api(tmp_path, checkpoint, capsys):
+def test_admin_cli_drives_the_admin_api(tmp_path, capsys):
     app = create_app(settings(tmp_path, admin_key=ADMIN, api_key=None))
     with Server(app) as server:
         base = ["admin", "--url", server.url, "--key", ADMIN]
@@ -99,7 +99,7 @@ def token(key, **claims) -> str:
     return jwt.encode({"alg": "RS256", "kid": "k1"}, body, key)
 
 
-async def test_oidc_tokens_authenticate_tenants(tmp_path, checkpoint, oidc_key):
+async def test_oidc_tokens_authenticate_tenants(tmp_path, oidc_key):
     key, jwks = oidc_key
     async with running(tmp_path, oidc_issuer="https://idp.test", oidc_audience="tensafe",
                        oidc_jwks_file=str(jwks)) as (app, client):
@@ -119,7 +119,7 @@ async def test_oidc_tokens_authenticate_tenants(tmp_path, checkpoint, oidc_key):
         assert r.status_code == 403
 
 
-def test_pack_fetches_the_recipient_key_from_the_gateway_url(tmp_path, checkpoint):
+def test_pack_fetches_the_recipient_key_from_the_gateway_url(tmp_path):
     from adapters.keys import generate_signing_key, save_signing_key
     from adapters.package import read_unverified_manifest
     from tests.adapters.builders import SMOLLM2, lora_tensors, peft_config, write_peft_dir

@@ -17,6 +17,8 @@ import httpx
 import openai
 import pytest
 
+from tests.adapters.builders import SMOLLM2, lora_tensors, peft_config, write_peft_dir
+
 from .conftest import BASE
 
 pytestmark = pytest.mark.slow
@@ -77,7 +79,7 @@ class Proc:
         return self.wait()
 
 
-def test_dev_mode_bootstraps_a_demo_tenant_and_prints_an_example(tmp_path, checkpoint):
+def test_dev_mode_bootstraps_a_demo_tenant_and_prints_an_example(tmp_path):
     proc = Proc(tmp_path, "--backend", "null", "--dev")
     try:
         key_file = tmp_path / "data" / "demo-api-key"
@@ -159,3 +161,14 @@ def test_a_stalled_log_reader_does_not_stall_serving(tmp_path):
         assert proc.stop() == 0
     access = [json.loads(line) for line in proc.stderr if line.startswith("{")]
     assert sum(r["path"] == "/v1/chat/completions" for r in access) == 600
+
+
+@pytest.mark.parametrize("feature,why", [({"use_dora": True}, "DoRA"), ({"modules_to_save": ["lm_head"]},
+                                                                      "modules_to_save"),
+                                         ({"rank_pattern": {"q_proj": 8}}, "rank_pattern")])
+def test_a_development_adapter_the_backends_would_serve_wrongly_stops_the_start(tmp_path, feature, why):
+    src = write_peft_dir(tmp_path / "odd", peft_config(4, ("q_proj",), alpha=8, **feature),
+                         lora_tensors(SMOLLM2, 4, ("q_proj",)))
+    with pytest.raises(RuntimeError) as caught:
+        Proc(tmp_path, "--backend", "null", "--api-key", "k", "--adapters", f"odd={src}")
+    assert "setting adapters: odd=" in str(caught.value) and why in str(caught.value)

@@ -34,7 +34,20 @@ def test_settings_are_frozen_and_hide_the_key():
     with pytest.raises(AttributeError):
         s.port = 1  # type: ignore[misc]
     assert "secret-value" not in repr(s)
-    assert s.engine_config().max_num_seqs == s.max_num_seqs
+
+
+def test_engine_options_reach_the_engine_and_the_settings_import_no_engine(tmp_path):
+    import subprocess
+    import sys
+
+    from gateway.backends.embedded import engine_config
+
+    s = Settings.load({"max_num_seqs": "3", "model_cache": str(tmp_path)}, env={})
+    config = engine_config(s)
+    assert (config.max_num_seqs, config.cache_dir, config.model) == (3, tmp_path, "smollm2-135m-instruct")
+    assert engine_config(Settings.load(env={})).cache_dir.name == "models"  # the engine's default
+    code = "import sys, gateway.settings; sys.exit('engine' in sys.modules or 'torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
 def test_secret_files_are_private(tmp_path):

@@ -66,7 +66,7 @@ async def metric(client, name: str, labels: str) -> float:
     raise AssertionError(f"{name}{{{labels}}} not in the metrics")
 
 
-async def test_killed_redis_is_a_503_then_serves_again_when_back(tmp_path, checkpoint, redis_proc):
+async def test_killed_redis_is_a_503_then_serves_again_when_back(tmp_path, redis_proc):
     async with gateway(tmp_path, store_url=redis_proc.url, quota_redis_url=redis_proc.url) as (gw, client):
         assert (await chat(client)).status_code == 200
         redis_proc.kill()
@@ -93,7 +93,7 @@ async def test_killed_redis_is_a_503_then_serves_again_when_back(tmp_path, check
         assert await metric(client, "tensafe_store_up", 'store="quotas"') == 1.0
 
 
-async def test_frozen_redis_is_a_503_within_the_store_timeout(tmp_path, checkpoint, redis_proc):
+async def test_frozen_redis_is_a_503_within_the_store_timeout(tmp_path, redis_proc):
     async with gateway(tmp_path, store_url=redis_proc.url, quota_redis_url=redis_proc.url) as (gw, client):
         assert (await chat(client)).status_code == 200
         redis_proc.freeze()
@@ -111,7 +111,7 @@ async def test_frozen_redis_is_a_503_within_the_store_timeout(tmp_path, checkpoi
         assert (await chat(client)).status_code == 200
 
 
-async def test_restarted_redis_leaves_no_stale_pooled_connection(tmp_path, checkpoint, redis_proc):
+async def test_restarted_redis_leaves_no_stale_pooled_connection(tmp_path, redis_proc):
     async with gateway(tmp_path, store_url=redis_proc.url, quota_redis_url=redis_proc.url) as (gw, client):
         rs = await asyncio.gather(*(chat(client) for _ in range(8)))  # several pooled connections
         assert [r.status_code for r in rs] == [200] * 8
@@ -122,7 +122,7 @@ async def test_restarted_redis_leaves_no_stale_pooled_connection(tmp_path, check
             assert (await chat(client)).status_code == 200
 
 
-async def test_quota_store_outage_is_a_503_and_streams_in_flight_finish(tmp_path, checkpoint, redis_proc):
+async def test_quota_store_outage_is_a_503_and_streams_in_flight_finish(tmp_path, redis_proc):
     async with gateway(tmp_path, quota_redis_url=redis_proc.url, null_token_delay_s=0.05) as (gw, client):
         async with client.stream("POST", CHAT, json={"model": BASE, "messages": HELLO, "stream": True}) as stream:
             assert stream.status_code == 200
@@ -136,7 +136,7 @@ async def test_quota_store_outage_is_a_503_and_streams_in_flight_finish(tmp_path
         assert (await chat(client)).status_code == 200
 
 
-async def test_locked_sqlite_is_a_503_after_the_store_timeout(tmp_path, checkpoint):
+async def test_locked_sqlite_is_a_503_after_the_store_timeout(tmp_path):
     async with gateway(tmp_path) as (gw, client):
         admin = {"authorization": f"Bearer {ADMIN}"}
         other = sqlite3.connect(gw.store.path, isolation_level=None)

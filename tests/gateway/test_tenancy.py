@@ -73,7 +73,7 @@ async def running(tmp: Path, **overrides):
 
 
 @pytest.fixture()
-async def world(tmp_path, checkpoint):
+async def world(tmp_path):
     async with running(tmp_path) as (app, client):
         w = World(client, app, tmp_path)
         doc = (await client.get("/v1/tssp/recipient")).json()
@@ -166,7 +166,7 @@ async def test_failed_uploads_leave_nothing_behind(world):
     assert not list(blobs.root.glob(".*tmp"))
 
 
-async def test_upload_size_limit(tmp_path, checkpoint):
+async def test_upload_size_limit(tmp_path):
     async with running(tmp_path, max_upload_bytes=1000) as (app, client):
         w = World(client, app, tmp_path)
         w.recipient = current_recipient_from_document((await client.get("/v1/tssp/recipient")).json())
@@ -327,7 +327,7 @@ async def test_bad_admin_input_is_a_clear_4xx(world):
         validate(r.json(), "ErrorResponse")
 
 
-async def test_restart_keeps_tenants_keys_adapters_and_audit(tmp_path, checkpoint):
+async def test_restart_keeps_tenants_keys_adapters_and_audit(tmp_path):
     async with running(tmp_path) as (app, client):
         w = World(client, app, tmp_path)
         w.recipient = current_recipient_from_document((await client.get("/v1/tssp/recipient")).json())
@@ -344,7 +344,7 @@ async def test_restart_keeps_tenants_keys_adapters_and_audit(tmp_path, checkpoin
         assert (await client.get("/admin/audit/verify", headers=w2.h("admin"))).json()["intact"]
 
 
-async def test_requests_per_minute_quota_under_concurrency(tmp_path, checkpoint):
+async def test_requests_per_minute_quota_under_concurrency(tmp_path):
     async with running(tmp_path) as (app, client):
         w = World(client, app, tmp_path)
         await w.setup_tenant("q", quotas={"requests_per_min": 10})
@@ -358,7 +358,7 @@ async def test_requests_per_minute_quota_under_concurrency(tmp_path, checkpoint)
         validate(refused.json(), "ErrorResponse")
 
 
-async def test_quota_shared_by_two_replicas_through_redis(tmp_path, checkpoint, redis_server, redis_client):
+async def test_quota_shared_by_two_replicas_through_redis(tmp_path, redis_server, redis_client):
     store = f"redis://127.0.0.1:{redis_server.port}/0"
     # two replicas share the Redis store, the quota buckets and the data directory (keys, blobs)
     async with running(tmp_path, store_url=store, quota_redis_url=store) as (app1, c1), \
@@ -372,7 +372,7 @@ async def test_quota_shared_by_two_replicas_through_redis(tmp_path, checkpoint, 
         assert sum(r.status_code == 429 for r in results) == 40
 
 
-async def test_max_tokens_cap_and_concurrency_quota(tmp_path, checkpoint):
+async def test_max_tokens_cap_and_concurrency_quota(tmp_path):
     async with running(tmp_path, null_token_delay_s=0.02) as (app, client):
         w = World(client, app, tmp_path)
         await w.setup_tenant("q", quotas={"max_tokens": 8, "concurrent": 1})
