@@ -15,7 +15,7 @@ Hierarchy (each with its HTTP status and OpenAI ``type``)::
     ├── Overloaded                 503 server_error (+ Retry-After)
     └── Timeout                    504 server_error
 
-Errors are mapped to HTTP once, at the edge (gateway/app.py); ``type``/``code`` are stable
+Errors are mapped to HTTP once, at the edge (``api.exceptions``); ``type``/``code`` are stable
 and double as metrics labels. Messages never carry secrets.
 """
 from __future__ import annotations

@@ -3,7 +3,7 @@ sentence-embedding classifier (all-MiniLM-L6-v2), falling back on the table's de
 
 Pure: imports nothing of the rest of the gateway. Typical use::
 
-    encoder = await asyncio.to_thread(Encoder)       # loads the model once (~3 s)
+    encoder = await asyncio.to_thread(Encoder)       # loads the model once
     router = Router(encoder)
     decision = await router.route(tenant, ExpertTable.from_dict(raw), prompt)
 """

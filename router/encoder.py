@@ -19,7 +19,7 @@ drain task per event loop takes up to ``max_batch`` queued texts, once the oldes
 ``window_s`` or the batch is full, and encodes them in one forward pass via
 ``run_in_executor``. Texts queued while a batch encodes form the next batch, so under load
 batches form without any window; the default ``window_s=0`` adds no latency to a lone request
-(a 2 ms window cost ~2 ms at p50 in ``loadtests/bench_router.py``). The event loop never waits
+(a window adds about its own length at p50, per ``loadtests/bench_router.py``). The event loop never waits
 on torch. An encoder serves one event loop at a time.
 """
 from __future__ import annotations

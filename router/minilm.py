@@ -1,11 +1,9 @@
 """A lean, inference-only forward pass of a BERT encoder (all-MiniLM-L6-v2) on the CPU.
 
 Why not ``transformers.AutoModel``: routing encodes one short prompt at a time, where the
-framework's per-module overhead and reading 42 MB of fp32 weights dominate. Measured on the
-2-core AVX2 machine this project targets, per prompt (p50, train split of ``router/eval``):
-``AutoModel`` fp32 12.2 ms; ``AutoModel`` with fp16-packed linears 9.5 ms; this module 8.7 ms
-(fp16-packed, fused Q/K/V); ``SentenceTransformer`` 17 ms and ~8 s to import. Loading takes
-~0.2 s (safetensors) instead of ~3.5 s. ``tests/router`` checks the sentence embedding
+framework's per-module overhead and reading 42 MB of fp32 weights dominate; this module (fp16-
+packed linears, fused Q/K/V) is faster per prompt and loads from safetensors in a fraction of
+the time (``python -m loadtests.bench_router`` measures it; README has the figures). ``tests/router`` checks the sentence embedding
 against ``transformers``' ``BertModel``: equal within 1e-5 with fp32 weights, within 2e-3
 with fp16-packed ones (cosine similarity to the fp32 embedding > 0.9999).
 

@@ -33,7 +33,7 @@ class Metrics:
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
     def observe(self, record: dict[str, Any]) -> None:
-        """One access-log record (see gateway.middleware)."""
+        """One access-log record (see ``api.middleware``)."""
         path = record["path"] if record["path"] in _KNOWN_PATHS else "other"  # bounded label values
         tenant = record.get("tenant") or "-"
         self._child(self.requests, path, str(record["status"]), record.get("error_code") or "").inc()

@@ -16,13 +16,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     from adapters import cli as adapters_cli
 
-    from . import admin as admin_cli
-    from . import serve as serve_cli
+    from . import admin, serve
 
     engine_cli.register(sub)
     groups = adapters_cli.register(sub)
-    serve_cli.register(sub)
-    admin_cli.register(sub, groups)
+    serve.register(sub)
+    admin.register(sub, groups)
     return parser
 
 

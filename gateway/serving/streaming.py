@@ -90,7 +90,7 @@ class RequestGuard:
             self.timer = None
         # Drop the watcher before cancelling it: its CancelledError's traceback holds ``self``,
         # and a reference back would make every request leave a garbage cycle (task, exception,
-        # frames) for the cyclic collector, whose pauses showed as +50 ms on a burst's p99.
+        # frames) for the cyclic collector, whose pauses showed on a burst's tail latency.
         watcher, self.watcher = self.watcher, None
         if watcher is not None:
             watcher.cancel()

@@ -1,5 +1,7 @@
-"""Tenant operations shared by the admin API, the tenant self-service API, the bootstrap and
-the CLI: every change is checked here and written to the audit log here.
+"""Tenant operations shared by the admin API, the tenant self-service API and the bootstrap:
+changes to tenants, API keys, signing keys and adapters are checked here and written to the
+audit log here (expert tables and cache actions are audited by their handlers, through
+``audit``).
 
 Upload order: size limit -> open fully in memory (both signatures against the tenant's
 active signing keys, key unwrap, decrypt, payload digest, tensors against the base model) ->
