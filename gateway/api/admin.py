@@ -18,7 +18,17 @@ from ..tenancy.usage import UsageRecorder
 from .bodies import read_object, scopes_field
 from .callers import Callers
 from .jsonresponse import JSONResponse
-from .views import adapter_view, audit_view, key_view, page, page_params, signing_key_view, tenant_view, usage_view
+from .views import (
+    adapter_view,
+    audit_view,
+    int_query,
+    key_view,
+    page,
+    page_params,
+    signing_key_view,
+    tenant_view,
+    usage_view,
+)
 
 MAX_SEQ = 2**63 - 1  # audit sequence numbers are signed 64-bit in every store
 
@@ -152,15 +162,8 @@ class AdminApi:
 
     async def audit(self, request: Request) -> Response:
         await self._admin(request)
-        limit, after = page_params(request, default=100)
-        try:
-            after_seq = int(after or 0)
-        except ValueError:
-            raise errors.InvalidRequest("Invalid 'after': expected a sequence number.", param="after",
-                                        code="invalid_type") from None
-        if not 0 <= after_seq <= MAX_SEQ:
-            raise errors.InvalidRequest(f"Invalid 'after': a sequence number from 0 to {MAX_SEQ}.", param="after",
-                                        code="invalid_value")
+        limit, _ = page_params(request, default=100)
+        after_seq = int_query(request, "after", 0, 0, MAX_SEQ) if request.query_params.get("after") else 0
         items = await self.tenancy.store.list_audit(after_seq, limit + 1)
         return JSONResponse(page(items, limit, audit_view, lambda e: str(e.seq)))
 

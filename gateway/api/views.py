@@ -14,17 +14,22 @@ T = TypeVar("T")
 MAX_LIMIT = 100
 
 
-def page_params(request: Request, default: int = 20) -> tuple[int, str | None]:
-    raw = request.query_params.get("limit")
+def int_query(request: Request, name: str, default: int, low: int, high: int) -> int:
+    """The integer query parameter ``name`` within [low, high] (``default`` when absent)."""
+    raw = request.query_params.get(name)
     try:
-        limit = default if raw is None else int(raw)
+        value = default if raw is None else int(raw)
     except ValueError:
-        raise errors.InvalidRequest("Invalid 'limit': expected an integer.", param="limit",
+        raise errors.InvalidRequest(f"Invalid '{name}': expected an integer.", param=name,
                                     code="invalid_type") from None
-    if not 1 <= limit <= MAX_LIMIT:
-        raise errors.InvalidRequest(f"Invalid 'limit': must be between 1 and {MAX_LIMIT}.", param="limit",
+    if not low <= value <= high:
+        raise errors.InvalidRequest(f"Invalid '{name}': must be between {low} and {high}.", param=name,
                                     code="invalid_value")
-    return limit, request.query_params.get("after") or None
+    return value
+
+
+def page_params(request: Request, default: int = 20) -> tuple[int, str | None]:
+    return int_query(request, "limit", default, 1, MAX_LIMIT), request.query_params.get("after") or None
 
 
 def page(items: Sequence[T], limit: int, view: Callable[[T], dict[str, Any]], ident: Callable[[T], str]) -> dict:
