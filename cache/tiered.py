@@ -258,6 +258,10 @@ class AdapterCache:
             async with dev.released:
                 dev.released.notify_all()
 
+    def loading(self, backend: str) -> set[str]:
+        """The adapters being loaded into ``backend``'s slots right now."""
+        return set(self._device(backend).loading)
+
     def resident(self, key: str, backend: str) -> bool:
         """Whether ``key`` is in a slot of ``backend`` right now (no counters touched)."""
         return key in self._device(backend).order

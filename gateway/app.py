@@ -33,6 +33,7 @@ from .backends import Backend, create_backend
 from .periodic import Periodic
 from .serving.auto import AutoSelector
 from .serving.completions import CompletionService
+from .serving.fleet import Fleet
 from .serving.names import ModelNames
 from .serving.slots import BackendSlots
 from .settings import Settings, SettingsError
@@ -95,6 +96,7 @@ class Gateway:
         self.metrics.add_collector(StoreCollector(self.store_health))
         self.tenancy: Tenancy | None = None
         self.completions: CompletionService | None = None
+        self.fleet: Fleet | None = None
         # the APIs the routes call (api.routes); the last three exist once started
         self.operations = OperationsApi(self.callers, backend, self.store_health, self.metrics, settings.model_name,
                                         lambda: self.ready)
@@ -115,12 +117,14 @@ class Gateway:
             await self._load_local_adapters(base)
         source = TsspSource(StoredPackages(self.store, self.blobs),
                             lambda: [k.private for k in self.keys.recipient_keys()], base)
-        slots = BackendSlots(self.backend)
         self.cache = AdapterCache(source, cpu_budget_bytes=s.cpu_cache_mb << 20, tenant_share=s.tenant_cache_share)
-        self.cache.add_backend(self.backend.name, slots)
+        pool = Fleet.pool_of([self.backend], policy=s.dispatch, queue_limit=s.max_queue)
+        for member in pool.members.values():
+            self.cache.add_backend(member.name, BackendSlots(member.backend))
+        self.fleet = Fleet([pool], self.cache)
         self.tenancy = Tenancy(self.store, self.auth, self.keys, self.blobs, self.cache, base, self.names.reserved(),
                                on_change=self._registry_changed, usage=self.usage)
-        self.completions = CompletionService(self.backend, self.names, max_body_bytes=s.max_body_bytes,
+        self.completions = CompletionService(self.fleet, self.names, max_body_bytes=s.max_body_bytes,
                                              request_timeout_s=s.request_timeout_s, retry_after_s=s.retry_after_s,
                                              cache=self.cache, quotas=self.quotas, usage=self.usage, auto=self.auto)
         self.openai = OpenAiApi(self.callers, self.names, self.completions)
@@ -165,7 +169,7 @@ class Gateway:
                 raise SettingsError("adapters", f"{name}={path}: {exc.problem}") from None
             adapter_id = f"local:{name}"
             await self.backend.load_adapter(adapter_id, tensors, config)
-            self.names.add_local(name, adapter_id, int(time.time()))
+            self.names.add_local(name, adapter_id, int(time.time()), rank=config.rank)
             log.info("adapter %s loaded (rank %d, %s)", name, config.rank, ",".join(config.target_modules))
 
     async def _bootstrap(self) -> Bootstrapped:

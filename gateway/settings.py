@@ -83,6 +83,9 @@ class Settings:
     adapters: str = ""
     # backend
     backend: str = "embedded"  # embedded | null
+    #: how a pool picks the backend for a request: affinity (adapter residency, queues and load
+    #: costs; see serving/dispatch.py) | gie (the Gateway API Inference Extension's scorers) | round_robin
+    dispatch: str = "affinity"
     model: str = DEFAULT_MODEL  # engine model name or a checkpoint directory
     model_cache: Path | None = None  # converted checkpoints; default: the engine's (TENSAFE_MODEL_CACHE or ~/.cache)
     device: str = "auto"

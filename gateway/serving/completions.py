@@ -26,14 +26,16 @@ from .. import errors
 from ..api.bodies import read_json
 from ..api.jsonresponse import JSONResponse
 from ..backends import errors as backend_errors
-from ..backends.base import Backend, BackendChunk, BackendRequest, Message, Sampling
+from ..backends.base import BackendChunk, BackendRequest, Message, Sampling
 from ..protocol import ChatRequest, CompletionRequest, parse_chat, parse_completion
 from ..protocol import responses as wire
 from ..tenancy.auth import Principal
 from ..tenancy.quotas import Quotas
 from ..tenancy.usage import UsageRecorder
 from .auto import AUTO, AutoSelector, classified_text
+from .fleet import Fleet, Member, NoBackend
 from .names import ModelNames, Target
+from .slotqueue import QueueFull
 from .streaming import ChunkTemplate, ClientGone, EventStream, RequestGuard
 
 log = logging.getLogger("tensafe.gateway")
@@ -73,10 +75,11 @@ class CompletionService:
     (which model or adapter, within which limits), admitted (quotas, the adapter's slot) and
     started (the backend's first chunk), then answered as JSON or as a stream."""
 
-    def __init__(self, backend: Backend, names: ModelNames, *, max_body_bytes: int, request_timeout_s: float,
+    def __init__(self, fleet: Fleet, names: ModelNames, *, max_body_bytes: int, request_timeout_s: float,
                  retry_after_s: int, cache: AdapterCache | None = None, quotas: Quotas | None = None,
-                 usage: UsageRecorder | None = None, auto: AutoSelector | None = None) -> None:
-        self.backend = backend
+                 usage: UsageRecorder | None = None, auto: AutoSelector | None = None, pool: str = "default") -> None:
+        self.fleet = fleet
+        self.pool = pool
         self.auto = auto
         self.names = names
         self.max_body_bytes = max_body_bytes
@@ -127,7 +130,7 @@ class CompletionService:
                 adapter_id=target.adapter_id, cache_salt=principal.tenant or "", **inputs,
             )
             started = time.perf_counter()
-            stream, first = await self._start(breq, guard, resources)
+            member, stream, first = await self._dispatch(state, target, breq, guard, resources)
         except ClientGone:
             await resources.aclose()
             state.error_code = "client_disconnected"
@@ -142,8 +145,8 @@ class CompletionService:
         chat = isinstance(params, ChatRequest)
         done = functools.partial(self._account, state, principal, target, tally)
         if params.stream:
-            return self._stream(request, stream, first, chat, rid, created, target, params.include_usage, guard,
-                                resources, done, headers)
+            return self._stream(request, member, stream, first, chat, rid, created, target, params.include_usage,
+                                guard, resources, done, headers)
         last = None
         try:
             text, last = await guarded(guard, _collect(stream, first))
@@ -151,7 +154,7 @@ class CompletionService:
             state.error_code = "client_disconnected"
             return Response(status_code=499)
         except backend_errors.BackendError as exc:
-            raise api_error(exc, self.retry_after) from None
+            raise self._failed(member, exc) from None
         finally:
             done(last)
             await resources.aclose()
@@ -169,9 +172,8 @@ class CompletionService:
             target = await self._auto_target(request, principal, inputs)
             if state.expert:
                 headers["x-tensafe-expert"] = wire.header_text(state.expert)
-            if target.tenant_adapter and self.cache is not None and not self.cache.resident(target.adapter_id,
-                                                                                           self.backend.name):
-                self.cache.prefetch(target.adapter_id, self.backend.name)
+            if target.tenant_adapter and self.cache is not None:
+                self.cache.prefetch(target.adapter_id)  # into the CPU tier; the chosen backend loads it
         else:
             target = await self.names.resolve(model, principal)
         state.model, state.adapter = target.model, target.model if target.adapter_id else None
@@ -179,23 +181,64 @@ class CompletionService:
 
     async def _admit(self, principal: Principal, target: Target, estimate: int, guard: RequestGuard,
                      resources: contextlib.AsyncExitStack, tally: "_Tally") -> None:
-        """Take the tenant's quotas (``estimate`` tokens, refunded to what was used) and a lease
-        on the adapter's slot; both are released with ``resources``."""
+        """Take the tenant's quotas (``estimate`` tokens, refunded to what was used), released
+        with ``resources``."""
         if self.quotas is not None and principal.tenant is not None:
             admission = await self.quotas.admit(principal.tenant, principal.limits, estimate)
             resources.push_async_callback(lambda: admission.release(tally.tokens))
-        if target.tenant_adapter and self.cache is not None:
-            await guarded(guard, resources.enter_async_context(self._lease(target)))
 
-    async def _start(self, breq: BackendRequest, guard: RequestGuard, resources: contextlib.AsyncExitStack
-                     ) -> tuple[AsyncIterator[BackendChunk], BackendChunk | None]:
-        """Hand the request to the backend and wait for its first chunk (a refusal arrives here)."""
-        stream = aiter(self.backend.generate(breq))
-        resources.push_async_callback(stream.aclose)
-        try:
-            return stream, await guarded(guard, anext(stream, None))
-        except backend_errors.BackendError as exc:
-            raise api_error(exc, self.retry_after) from None
+    async def _dispatch(self, state: Any, target: Target, breq: BackendRequest, guard: RequestGuard,
+                        resources: contextlib.AsyncExitStack) -> tuple[Member, AsyncIterator[BackendChunk],
+                                                                        BackendChunk | None]:
+        """Choose a backend, wait for one of its sequence slots, make the adapter resident there
+        and wait for the first chunk. A backend that is down or fails before the first chunk is
+        counted against its breaker and the request goes to another one, once."""
+        tried: frozenset[str] = frozenset()
+        while True:
+            try:
+                member, choice = self.fleet.choose(self.pool, target.adapter_id, target.rank, exclude=tried)
+            except NoBackend as exc:
+                raise errors.Overloaded(f"No model backend can take the request now ({exc.why}); retry shortly.",
+                                        code="no_backend", retry_after=self.retry_after) from None
+            state.pool, state.backend = member.pool, member.name
+            state.dispatch = "failover" if tried else choice.reason
+            attempt = contextlib.AsyncExitStack()
+            try:
+                await guarded(guard, attempt.enter_async_context(self.fleet.slot(member, target.adapter_id)))
+                if target.tenant_adapter and self.cache is not None:
+                    await guarded(guard, attempt.enter_async_context(self._lease(target, member.name)))
+                stream = aiter(member.backend.generate(breq))
+                attempt.push_async_callback(stream.aclose)
+                first = await guarded(guard, anext(stream, None))
+            except QueueFull:
+                await attempt.aclose()
+                raise errors.Overloaded("The server is overloaded; retry shortly.",
+                                        retry_after=self.retry_after) from None
+            except backend_errors.BackendUnavailable as exc:
+                await attempt.aclose()
+                member.breaker.failure()
+                if tried:
+                    raise api_error(exc, self.retry_after) from None
+                log.warning("backend %s failed before the first token (%s); trying another", member.key, exc)
+                tried = tried | {member.name}
+                continue
+            except backend_errors.BackendError as exc:
+                await attempt.aclose()
+                member.breaker.success()  # it answered: the request, not the backend, was refused
+                raise api_error(exc, self.retry_after) from None
+            except BaseException:
+                member.breaker.cancelled()
+                await attempt.aclose()
+                raise
+            member.breaker.success()
+            resources.push_async_callback(attempt.aclose)
+            return member, stream, first
+
+    def _failed(self, member: Member, exc: backend_errors.BackendError) -> errors.ApiError:
+        """A backend error after the first token: the backend's breaker hears of an outage."""
+        if isinstance(exc, backend_errors.BackendUnavailable):
+            member.breaker.failure()
+        return api_error(exc, self.retry_after)
 
     async def _auto_target(self, request: Request, principal: Principal, inputs: dict[str, Any]) -> Target:
         assert self.auto is not None
@@ -215,11 +258,11 @@ class CompletionService:
             return self.names.base
 
     @contextlib.asynccontextmanager
-    async def _lease(self, target: Target) -> AsyncIterator[None]:
-        """Keep the tenant adapter resident in a slot of this backend for the whole request."""
+    async def _lease(self, target: Target, backend: str) -> AsyncIterator[None]:
+        """Keep the tenant adapter resident in a slot of ``backend`` for the whole request."""
         assert self.cache is not None and target.adapter_id is not None
         try:
-            lease = self.cache.lease(target.adapter_id, self.backend.name)
+            lease = self.cache.lease(target.adapter_id, backend)
             await lease.__aenter__()
         except UnknownAdapter:
             raise errors.ModelNotFound(target.model) from None
@@ -244,7 +287,8 @@ class CompletionService:
             self.usage.add(principal.tenant, target.model, last.prompt_tokens, last.completion_tokens,
                            principal.incarnation)
 
-    async def _events(self, request: Request, stream: AsyncIterator[BackendChunk], first: BackendChunk | None,
+    async def _events(self, request: Request, member: Member, stream: AsyncIterator[BackendChunk],
+                      first: BackendChunk | None,
                       render: Callable[[BackendChunk, bool], bytes], usage: Callable[[BackendChunk], bytes] | None,
                       done: Callable[[BackendChunk | None], None]) -> AsyncIterator[bytes]:
         """The SSE events of one stream (the response enforces the deadline and disconnects).
@@ -261,7 +305,7 @@ class CompletionService:
                 try:
                     chunk = await anext(stream, None)
                 except backend_errors.BackendError as exc:
-                    error = api_error(exc, self.retry_after)
+                    error = self._failed(member, exc)
                     request.state.error_code = error.code
                     yield wire.sse(error.body())
                     return
@@ -271,7 +315,8 @@ class CompletionService:
         finally:
             done(last)
 
-    def _stream(self, request: Request, stream: AsyncIterator[BackendChunk], first: BackendChunk | None,
+    def _stream(self, request: Request, member: Member, stream: AsyncIterator[BackendChunk],
+                first: BackendChunk | None,
                 chat: bool, rid: str, created: int, target: Target, include_usage: bool, guard: RequestGuard,
                 resources: contextlib.AsyncExitStack,
                 done: Callable[[BackendChunk | None], None],
@@ -292,7 +337,7 @@ class CompletionService:
             request.state.error_code = "timeout"
             return wire.sse(errors.Timeout("The request timed out.", code="timeout").body())
 
-        events = self._events(request, stream, first, render, usage, done)
+        events = self._events(request, member, stream, first, render, usage, done)
         return EventStream(events, guard=guard, on_timeout=timed_out, final=wire.DONE, on_close=resources.aclose,
                            headers={**SSE_HEADERS, **headers})
 

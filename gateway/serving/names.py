@@ -25,6 +25,7 @@ class Target:
     owned_by: str
     created: int
     tenant_adapter: bool = False  # a tenant's uploaded adapter, served through the tiered cache
+    rank: int = 0  # the adapter's LoRA rank (0 for the base model)
 
 
 class ModelNames:
@@ -38,11 +39,11 @@ class ModelNames:
     def forget(self) -> None:
         self._remembered.clear()
 
-    def add_local(self, name: str, adapter_id: str, created: int, owner: str = "tensafe") -> None:
+    def add_local(self, name: str, adapter_id: str, created: int, owner: str = "tensafe", rank: int = 0) -> None:
         """A development adapter loaded from a PEFT directory, visible to every caller."""
         if name == self.base.model or name in self._local:
             raise ValueError(f"model name {name!r} is already taken")
-        self._local[name] = Target(name, adapter_id, owner, created)
+        self._local[name] = Target(name, adapter_id, owner, created, rank=rank)
 
     def reserved(self) -> set[str]:
         return {self.base.model, *self._local}
@@ -61,7 +62,8 @@ class ModelNames:
             token = self._remembered.token()
             record = await self.store.get_adapter(principal.tenant, name)
             if record is not None:
-                target = Target(name, record.key, principal.tenant, record.created, tenant_adapter=True)
+                target = Target(name, record.key, principal.tenant, record.created, tenant_adapter=True,
+                                rank=record.rank)
                 self._remembered.put(key, target, token)
                 return target
         raise ModelNotFound(name)
@@ -71,6 +73,7 @@ class ModelNames:
         if self.store is not None and principal.tenant is not None:
             after = None
             while batch := await self.store.list_adapters(principal.tenant, 100, after):
-                targets += [Target(r.name, r.key, r.tenant, r.created, tenant_adapter=True) for r in batch]
+                targets += [Target(r.name, r.key, r.tenant, r.created, tenant_adapter=True, rank=r.rank)
+                            for r in batch]
                 after = batch[-1].name
         return targets

@@ -1,0 +1,193 @@
+"""Which backend of a pool serves a request: three policies over one snapshot of the fleet.
+
+Every policy sees the same ``BackendView`` per candidate, refreshed on the same interval, plus
+this gateway's own dispatches since that refresh (so a burst between two refreshes does not
+all land on one backend), and returns a ``Choice``: the backend and why it was chosen (the
+``reason`` label of ``tensafe_dispatch_total``).
+
+``affinity`` (the default) estimates the milliseconds before the request's first token on
+each backend and takes the smallest::
+
+    cost(b) = wait(b) + load(b) + harm(b)
+    wait(b) = max(0, running_b + waiting_b + own_b + 1 - seqs_b) / seqs_b * service_ms_b
+    load(b) = 0                                   the adapter is resident on b
+            = load_ms(tier) / 2                   it is loading there (half done, on average)
+            = load_ms(tier) + slot_wait(b)        otherwise: a load from the tier it is in
+    slot_wait(b) = 0 with a free adapter slot, else the wait for one: 0 when some resident
+                   adapter is idle (it is evicted), else service_ms_b / 2
+    harm(b) = load(b) * running_b / seqs_b        a load stalls the sequences running on b
+
+``running``/``waiting`` are the backend's sequences running and waiting (the gateway's own
+queue for it included), ``own`` what this gateway dispatched since the snapshot, ``seqs`` its
+sequence slots, ``service_ms`` how long a request holds a slot there (measured), and
+``load_ms(tier)`` the measured time to bring an adapter from the CPU tier (``cpu``) or from
+disk (``disk``) into a slot. Ties go to the backend with fewer own dispatches, then at random.
+
+``gie`` is the choice of the Gateway API Inference Extension (kubernetes-sigs/
+gateway-api-inference-extension, ``pkg/epp/scheduling/framework/plugins/scorer/
+lora_affinity.go`` and ``queue.go``): LoRA affinity 1.0 when the adapter has running
+requests on the backend, else 0.8 when the backend's active plus waiting adapters are fewer
+than its adapter slots, else 0.6 when the adapter has waiting requests there, else 0; plus
+the queue score ``(max_q - q) / (max_q - min_q)`` over the candidates (1.0 when all queues
+are equal); equal weights, the highest sum wins, ties at random. ``round_robin`` takes the
+candidates in turn.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import random
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+REASONS = ("resident", "free_slot", "loading", "replica", "failover", "only_choice")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BackendView:
+    """One backend as a policy sees it: the last snapshot plus this gateway's dispatches since."""
+
+    name: str
+    sequence_slots: int
+    running: int  # sequences generating
+    waiting: int  # sequences waiting for a slot, in the gateway's queue for it or its own
+    adapter_slots: int
+    free_adapter_slots: int
+    resident: frozenset[str] = frozenset()  # adapters in its slots
+    loading: frozenset[str] = frozenset()  # adapters being loaded into its slots
+    running_adapters: frozenset[str] = frozenset()  # adapters with running requests
+    waiting_adapters: frozenset[str] = frozenset()  # adapters with waiting requests
+    idle_resident: int = 0  # resident adapters no request holds (evictable)
+    own: int = 0  # this gateway's dispatches since the snapshot
+    service_ms: float = 1000.0  # how long a request holds a sequence slot here
+
+    @property
+    def queue(self) -> int:
+        return self.waiting + max(0, self.running + self.own - self.sequence_slots)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Ask:
+    """What is dispatched: the adapter (None: the base model) and where it is now."""
+
+    adapter: str | None
+    tier: str = "disk"  # "device" (in some backend's slot), "cpu" or "disk"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LoadCosts:
+    """Measured milliseconds to bring an adapter into a slot from the CPU tier or from disk."""
+
+    cpu_ms: float = 2.0
+    disk_ms: float = 20.0
+
+    def of(self, tier: str) -> float:
+        return self.disk_ms if tier == "disk" else self.cpu_ms  # "device": another backend's; from CPU here
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Choice:
+    backend: str
+    reason: str
+
+
+class Policy(Protocol):
+    name: str
+
+    def choose(self, ask: Ask, candidates: Sequence[BackendView], costs: LoadCosts) -> Choice:
+        """``candidates`` is never empty."""
+
+
+def reason_for(ask: Ask, chosen: BackendView, candidates: Sequence[BackendView]) -> str:
+    """Why ``chosen`` serves ``ask``, for the metrics."""
+    if len(candidates) == 1:
+        return "only_choice"
+    if ask.adapter is None or ask.adapter in chosen.resident:
+        return "resident"
+    if ask.adapter in chosen.loading:
+        return "loading"
+    if any(ask.adapter in c.resident or ask.adapter in c.loading for c in candidates):
+        return "replica"  # an extra copy: its backend(s) cost more than a load here
+    return "free_slot"
+
+
+class AffinityPolicy:
+    """The cost model in the module docstring."""
+
+    name = "affinity"
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self.rng = rng or random.Random()
+
+    @staticmethod
+    def wait_ms(b: BackendView) -> float:
+        ahead = b.running + b.waiting + b.own + 1 - b.sequence_slots
+        return max(0, ahead) / b.sequence_slots * b.service_ms
+
+    @staticmethod
+    def load_ms(ask: Ask, b: BackendView, costs: LoadCosts) -> float:
+        if ask.adapter is None or ask.adapter in b.resident:
+            return 0.0
+        if ask.adapter in b.loading:
+            return costs.of(ask.tier) / 2
+        slot_wait = 0.0 if b.free_adapter_slots > 0 or b.idle_resident > 0 else b.service_ms / 2
+        return costs.of(ask.tier) + slot_wait
+
+    def cost(self, ask: Ask, b: BackendView, costs: LoadCosts) -> float:
+        load = self.load_ms(ask, b, costs)
+        return self.wait_ms(b) + load + load * b.running / b.sequence_slots
+
+    def choose(self, ask: Ask, candidates: Sequence[BackendView], costs: LoadCosts) -> Choice:
+        scored = [(self.cost(ask, b, costs), b.own, self.rng.random(), b) for b in candidates]
+        chosen = min(scored, key=lambda s: s[:3])[3]
+        return Choice(chosen.name, reason_for(ask, chosen, candidates))
+
+
+class GiePolicy:
+    """The Gateway API Inference Extension's LoRA-affinity and queue scorers, summed."""
+
+    name = "gie"
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self.rng = rng or random.Random()
+
+    @staticmethod
+    def lora_score(ask: Ask, b: BackendView) -> float:
+        if ask.adapter is None:
+            return 1.0  # the base model is active everywhere
+        if ask.adapter in b.running_adapters:
+            return 1.0
+        if len(b.running_adapters) + len(b.waiting_adapters) < b.adapter_slots:
+            return 0.8
+        if ask.adapter in b.waiting_adapters:
+            return 0.6
+        return 0.0
+
+    @staticmethod
+    def queue_scores(candidates: Sequence[BackendView]) -> list[float]:
+        queues = [b.queue for b in candidates]
+        low, high = min(queues), max(queues)
+        if high == low:
+            return [1.0] * len(candidates)
+        return [(high - q) / (high - low) for q in queues]
+
+    def choose(self, ask: Ask, candidates: Sequence[BackendView], costs: LoadCosts) -> Choice:
+        totals = [self.lora_score(ask, b) + q for b, q in zip(candidates, self.queue_scores(candidates))]
+        best = max(totals)
+        chosen = self.rng.choice([b for b, t in zip(candidates, totals) if t == best])
+        return Choice(chosen.name, reason_for(ask, chosen, candidates))
+
+
+class RoundRobinPolicy:
+    name = "round_robin"
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self._turn = itertools.count()
+
+    def choose(self, ask: Ask, candidates: Sequence[BackendView], costs: LoadCosts) -> Choice:
+        ordered = sorted(candidates, key=lambda b: b.name)
+        chosen = ordered[next(self._turn) % len(ordered)]
+        return Choice(chosen.name, reason_for(ask, chosen, candidates))
+
+
+POLICIES: dict[str, Callable[..., Policy]] = {p.name: p for p in (AffinityPolicy, GiePolicy, RoundRobinPolicy)}
