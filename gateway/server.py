@@ -1,6 +1,7 @@
 """Run the app on uvicorn with our logging and a graceful drain on SIGTERM: uvicorn stops
 accepting, lets in-flight streams finish for up to ``drain_timeout_s``, then the lifespan
-shuts the backend down."""
+shuts the backend down. The gateway's app is imported only by ``run``: ``tensafe worker``
+serves its own app through the same ``serve_app``."""
 from __future__ import annotations
 
 import gc
@@ -9,13 +10,15 @@ import queue
 import sys
 from collections.abc import Callable
 from logging.handlers import QueueHandler, QueueListener
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
-from .app import Gateway, create_app
 from .http_protocol import GatewayHttpProtocol
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from .app import Gateway
 
 GC_YOUNG_THRESHOLD = 5000
 
@@ -74,24 +77,33 @@ def uvicorn_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Co
     return uvicorn.Config(app, **{**options, **overrides})
 
 
-def run(settings: Settings, on_ready: Callable[[Gateway], None] | None = None) -> None:
+def serve_app(settings: Settings, build: Callable[[Callable[[], None]], Any]) -> None:
+    """Run the ASGI app ``build(on_stopped)`` returns on uvicorn with our logging, until SIGTERM
+    and its drain. The app calls ``on_stopped`` once its lifespan has shut everything down: the
+    log records still queued are written then, before uvicorn re-raises the caught SIGTERM (which
+    ends the process on the spot). The gateway and ``tensafe worker`` both run this way."""
     listener = configure_logging(settings.log_level)
     listener.start()
     running = [True]
 
     def flush_logs() -> None:
-        # Before uvicorn re-raises a caught SIGTERM, which ends the process on the spot.
         if running[0]:
             running[0] = False
             listener.stop()
+
+    app = build(flush_logs)
+    try:
+        uvicorn.Server(uvicorn_config(app, settings)).run()
+    finally:
+        flush_logs()
+
+
+def run(settings: Settings, on_ready: Callable[[Gateway], None] | None = None) -> None:
+    from .app import create_app
 
     def ready(gateway: Gateway) -> None:
         settle_gc()
         if on_ready is not None:
             on_ready(gateway)
 
-    app = create_app(settings, on_ready=ready, on_stopped=flush_logs)
-    try:
-        uvicorn.Server(uvicorn_config(app, settings)).run()
-    finally:
-        flush_logs()
+    serve_app(settings, lambda on_stopped: create_app(settings, on_ready=ready, on_stopped=on_stopped))

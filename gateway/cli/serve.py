@@ -18,15 +18,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("serve", help="run the OpenAI-compatible gateway",
                               description="Run the gateway. Flags override TENSAFE_* environment variables, "
                                           "which override the TOML file given with --config.")
-    p.add_argument("--config", type=str, default=None, help="TOML settings file (keys = setting names)")
+    add_setting_flags(p)
+    p.set_defaults(func=cmd_serve)
+
+
+def add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    """``--config FILE`` and one flag per setting (``--max-num-seqs 8``, ``--dev/--no-dev``):
+    every verb that runs from the settings takes them all."""
+    parser.add_argument("--config", type=str, default=None, help="TOML settings file (keys = setting names)")
     hints = typing.get_type_hints(Settings)
     for field in dataclasses.fields(Settings):
         flag = "--" + field.name.replace("_", "-")
         if hints[field.name] is bool:
-            p.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None)
+            parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None)
         else:
-            p.add_argument(flag, dest=field.name, default=None, metavar=field.name.upper())
-    p.set_defaults(func=cmd_serve)
+            parser.add_argument(flag, dest=field.name, default=None, metavar=field.name.upper())
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """The settings from the flags ``add_setting_flags`` added, the environment and the file
+    (SettingsError names a bad one)."""
+    names = {f.name for f in dataclasses.fields(Settings)}
+    overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    return Settings.load(overrides, file=args.config)
 
 
 def banner(settings: Settings, boot: Bootstrapped | None) -> str:
@@ -56,10 +70,8 @@ def banner(settings: Settings, boot: Bootstrapped | None) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    names = {f.name for f in dataclasses.fields(Settings)}
-    overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
     try:
-        settings = Settings.load(overrides, file=args.config)
+        settings = settings_from(args)
     except SettingsError as exc:
         print(f"tensafe serve: {exc}", file=sys.stderr)
         return 2
