@@ -82,7 +82,7 @@ class Settings:
     #: development adapters served to every caller: ``name=PEFT_DIR,name2=PEFT_DIR2``
     adapters: str = ""
     # backend
-    backend: str = "embedded"  # embedded | null
+    backend: str = "embedded"  # embedded | null | tensafe (a worker at remote_url)
     #: how a pool picks the backend for a request: affinity (adapter residency, queues and load
     #: costs; see serving/dispatch.py) | gie (the Gateway API Inference Extension's scorers) | round_robin
     dispatch: str = "affinity"
@@ -100,6 +100,12 @@ class Settings:
     # null backend (benchmarks and tests)
     null_tokens: int = 16
     null_token_delay_s: float = 0.0
+    # workers (``tensafe worker``: the engine served over HTTP) and the backend that reaches one
+    #: bearer tokens a worker accepts, comma-separated; two at once while a credential rotates
+    worker_tokens: str = dataclasses.field(default="", repr=False)
+    worker_max_adapter_bytes: int = 64 << 20  # the largest adapter (safetensors body) a worker takes
+    remote_url: str = ""  # backend tensafe: the worker's URL, http://host:port
+    remote_token: str = dataclasses.field(default="", repr=False)  # backend tensafe: one of its worker_tokens
 
     def resolved_store_url(self) -> str:
         return self.store_url or f"sqlite:///{self.data_dir / 'tensafe.db'}"

@@ -16,11 +16,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     from adapters import cli as adapters_cli
 
-    from . import admin, serve
+    from . import admin, serve, worker
 
     engine_cli.register(sub)
     groups = adapters_cli.register(sub)
     serve.register(sub)
+    worker.register(sub)
     admin.register(sub, groups)
     return parser
 
