@@ -5,7 +5,7 @@ from collections.abc import Callable
 
 from adapters.lora import LoraConfig
 
-from ..settings import Settings
+from ..settings import Settings, SettingsError
 from .base import Backend, BackendChunk, BackendRequest, Capacity, Health, Message, Sampling
 
 
@@ -25,7 +25,16 @@ def _null(settings: Settings) -> Backend:
                        max_loras=settings.max_loras, max_lora_rank=settings.max_lora_rank)
 
 
-BACKENDS: dict[str, Callable[[Settings], Backend]] = {"embedded": _embedded, "null": _null}
+def _tensafe(settings: Settings) -> Backend:
+    from .remote import RemoteBackend
+
+    if not settings.remote_url:
+        raise SettingsError("remote_url", "backend tensafe needs the worker's URL (--remote-url http://host:port)")
+    return RemoteBackend(settings.remote_url, settings.remote_token, name="tensafe",
+                         stream_timeout_s=settings.request_timeout_s)
+
+
+BACKENDS: dict[str, Callable[[Settings], Backend]] = {"embedded": _embedded, "null": _null, "tensafe": _tensafe}
 
 
 def create_backend(settings: Settings) -> Backend:
