@@ -1,8 +1,11 @@
 """One contract for every Backend, rerun per implementation by overriding the ``backend``
-fixture (the real embedded engine and the null backend)."""
+fixture (the real embedded engine and the null backend here; a real ``tensafe worker`` through
+RemoteBackend in test_worker.py)."""
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -24,6 +27,15 @@ def request(rid: str, max_tokens: int = 4, adapter: str | None = None, **kw) -> 
 
 async def collect(backend: Backend, req: BackendRequest) -> list:
     return [c async for c in backend.generate(req)]
+
+
+async def eventually(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    """Wait for ``condition``. A backend's state may reach its ``capacity()`` a moment after the
+    event (a remote worker's snapshot follows each answer and a refresh twice a second)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
 
 
 class BackendContract:
@@ -55,7 +67,7 @@ class BackendContract:
         await asyncio.wait(firsts, timeout=30)
         # two running, then one waiting fills the queue; the next is refused at once
         waiting = asyncio.ensure_future(anext(streams[2]))
-        await asyncio.sleep(0.05)
+        await eventually(lambda: backend.capacity().queue_depth == 1)
         with pytest.raises(BackendOverloaded):
             await collect(backend, request("refused", 2))
         assert backend.capacity().queue_depth == 1

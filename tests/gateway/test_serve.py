@@ -31,13 +31,19 @@ def free_port() -> int:
 
 
 class Proc:
-    def __init__(self, tmp: Path, *args: str) -> None:
+    """``tensafe VERB`` (``serve`` unless told) as a real process on a free port, its output
+    read by threads; ready once ``ready`` answers 200. ``env`` adds variables (the caller's
+    TENSAFE_* are dropped), ``cwd`` is where it runs."""
+
+    def __init__(self, tmp: Path, *args: str, verb: str = "serve", ready: str = "/ready",
+                 env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TENSAFE_")}
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("TENSAFE_")}
+        environ.update(env or {})
         self.p = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "serve", "--port", str(self.port), "--data-dir", str(tmp / "data"),
-             *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            [sys.executable, "-m", "gateway.cli", verb, "--port", str(self.port), "--data-dir", str(tmp / "data"),
+             *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environ, cwd=cwd)
         self.stdout: list[str] = []
         self.stderr: list[str] = []
         self.reading = threading.Event()  # cleared: nobody reads the server's output (its pipes fill up)
@@ -49,7 +55,7 @@ class Proc:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
-                if httpx.get(self.url + "/ready", timeout=1).status_code == 200:
+                if httpx.get(self.url + ready, timeout=1).status_code == 200:
                     return
             except httpx.TransportError:
                 pass
