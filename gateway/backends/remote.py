@@ -104,6 +104,7 @@ class RemoteBackend:
         if client is not None:
             await client.aclose()
         self._reachable = False
+        self._capacity, self._adapters = Capacity(0, 0, 0, 0, 0), []  # as a backend not started
 
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:
