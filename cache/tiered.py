@@ -25,9 +25,10 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 
 from .errors import AdapterBusy, AdapterPinned, AdapterUnavailable, CacheError, UnknownAdapter
+from .heat import Heat
 from .lru import ByteLRU
 from .stats import CacheCounters
 from .types import AdapterSource, AdapterStatus, Decrypted, SlotBackend, State, Tier
@@ -90,6 +91,7 @@ class AdapterCache:
         self._background: set[asyncio.Task] = set()
         self._failure_ttl = failure_ttl_s
         self._clock = clock
+        self.heat = Heat(clock=clock)  # requests per adapter lately (every lease counts)
 
     # ---- backends -----------------------------------------------------------------------
     def add_backend(self, name: str, slots: SlotBackend) -> None:
@@ -201,7 +203,7 @@ class AdapterCache:
             if key in dev.order:
                 return
             while self._full(dev):
-                victim = next((k for k in dev.order if not dev.leases.get(k) and not dev.pending.get(k)), None)
+                victim = self.victim(dev.name)
                 if victim is None:  # every slot serves a request or is loading: wait for one
                     async with dev.released:
                         await dev.released.wait()
@@ -234,6 +236,7 @@ class AdapterCache:
     async def lease(self, key: str, backend: str) -> AsyncIterator[None]:
         """Make ``key`` resident on ``backend`` and keep it there until the block exits."""
         dev = self._device(backend)
+        self.heat.add(key)
         dev.pending[key] = dev.pending.get(key, 0) + 1
         leased = False
         try:
@@ -258,9 +261,27 @@ class AdapterCache:
             async with dev.released:
                 dev.released.notify_all()
 
+    def victim(self, backend: str) -> str | None:
+        """The adapter a load into ``backend`` would evict now: its coldest idle one (the least
+        recent among equally cold ones)."""
+        dev = self._device(backend)
+        idle = [k for k in dev.order if not dev.leases.get(k) and not dev.pending.get(k)]
+        return min(idle, key=self.heat.of) if idle else None
+
     def loading(self, backend: str) -> set[str]:
         """The adapters being loaded into ``backend``'s slots right now."""
         return set(self._device(backend).loading)
+
+    @contextlib.contextmanager
+    def reserved(self, key: str, backend: str) -> Iterator[None]:
+        """While the block runs, ``key`` is not evicted from ``backend`` (if it is resident) to
+        make room for another adapter: a request queued for it there will lease it soon."""
+        dev = self._device(backend)
+        dev.pending[key] = dev.pending.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            _decrement(dev.pending, key)
 
     def resident(self, key: str, backend: str) -> bool:
         """Whether ``key`` is in a slot of ``backend`` right now (no counters touched)."""

@@ -100,6 +100,8 @@ class Settings:
     # null backend (benchmarks and tests)
     null_tokens: int = 16
     null_token_delay_s: float = 0.0
+    null_token_delay_per_seq_s: float = 0.0  # more per running sequence (a batched step's cost)
+    null_load_delay_s: float = 0.0  # an adapter load, stalling every running sequence
     # workers (``tensafe worker``: the engine served over HTTP) and the backend that reaches one
     #: bearer tokens a worker accepts, comma-separated; two at once while a credential rotates
     worker_tokens: str = dataclasses.field(default="", repr=False)

@@ -21,6 +21,8 @@ def _null(settings: Settings) -> Backend:
     return NullBackend(model_config=model_config_of(settings.model), model=settings.model_name,
                        tokens=settings.null_tokens,
                        token_delay_s=settings.null_token_delay_s, max_num_seqs=settings.max_num_seqs,
+                       token_delay_per_seq_s=settings.null_token_delay_per_seq_s,
+                       load_delay_s=settings.null_load_delay_s,
                        max_queue=settings.max_queue, max_model_len=settings.max_model_len,
                        max_loras=settings.max_loras, max_lora_rank=settings.max_lora_rank)
 

@@ -1,7 +1,12 @@
-"""A backend that produces tokens instantly (or after a fixed delay per token) with real slot,
-queue and adapter bookkeeping: it measures the gateway's own overhead and lets the API tests run
+"""A backend that produces tokens instantly (or after a delay per token) with real slot, queue
+and adapter bookkeeping: it measures the gateway's own overhead and lets the API tests run
 without a model. It honours max_tokens, stop strings, the context limit and the queue bound
-exactly like a real backend, so the contract suite holds for it too."""
+exactly like a real backend, so the contract suite holds for it too.
+
+As a model of a real engine for dispatch tests and benchmarks, a token can also take longer
+the more sequences run (``token_delay_per_seq_s`` per running sequence, as a batched decode
+step does), and an adapter load can take ``load_delay_s`` during which every running sequence
+stalls (as the engine's copy into a slot does between two steps)."""
 from __future__ import annotations
 
 import asyncio
@@ -40,8 +45,13 @@ def model_config_of(model: str) -> dict[str, Any] | None:
 class NullBackend:
     def __init__(self, *, model: str = "null", tokens: int = 16, token_delay_s: float = 0.0, max_num_seqs: int = 32,
                  max_queue: int = 256, max_model_len: int = 2048, max_loras: int = 16, max_lora_rank: int = 16,
-                 name: str = "null", model_config: dict[str, Any] | None = None) -> None:
+                 name: str = "null", model_config: dict[str, Any] | None = None, token_delay_per_seq_s: float = 0.0,
+                 load_delay_s: float = 0.0) -> None:
         self.name = name
+        self.token_delay_per_seq_s = token_delay_per_seq_s
+        self.load_delay_s = load_delay_s
+        self._stalled_until = 0.0  # loop time until which a load holds every sequence
+        self.loads = 0
         self._model_config = model_config
         self.model = model
         self.tokens = tokens
@@ -56,6 +66,7 @@ class NullBackend:
         self._active = 0
         self._waiting = 0
         self._adapters: dict[str, LoraConfig] = {}
+        self._loading: set[str] = set()
         self._users: collections.Counter[str] = collections.Counter()
         self._aborted: set[str] = set()
 
@@ -121,12 +132,15 @@ class NullBackend:
         n = s.max_tokens if s.ignore_eos else min(s.max_tokens, self.tokens)
         text_so_far = ""
         loop = asyncio.get_running_loop()
-        start = loop.time()
+        due = loop.time()
+        paced = bool(self.token_delay_s or self.token_delay_per_seq_s or self.load_delay_s)
         for i in range(1, n + 1):
-            if self.token_delay_s:
-                # token i is due at start + i * delay whatever the consumer does, like a real engine
-                # stepping on its own; a slow consumer catches up without further sleeps
-                await asyncio.sleep(max(0.0, start + i * self.token_delay_s - loop.time()))
+            if paced:
+                # each token is due one step after the last whatever the consumer does, like a real
+                # engine stepping on its own (a slow consumer catches up without further sleeps);
+                # a step takes longer with more sequences, and waits for a load in progress
+                due = max(due + self.token_delay_s + self.token_delay_per_seq_s * self._active, self._stalled_until)
+                await asyncio.sleep(max(0.0, due - loop.time()))
             if request.request_id in self._aborted:
                 yield BackendChunk("", prompt_tokens, i - 1, "abort")
                 return
@@ -153,12 +167,21 @@ class NullBackend:
         return tensors
 
     async def load_adapter(self, adapter_id: str, tensors: Mapping[str, Any], config: LoraConfig) -> None:
-        if adapter_id in self._adapters:
+        if adapter_id in self._adapters or adapter_id in self._loading:
             raise AdapterProblem(f"adapter {adapter_id!r} is already loaded", adapter_id, "exists")
         self.prepare_adapter(adapter_id, tensors, config)
-        if len(self._adapters) >= self.max_loras:
+        if len(self._adapters) + len(self._loading) >= self.max_loras:
             raise AdapterProblem(f"cannot load adapter {adapter_id!r}: all {self.max_loras} adapter slots are in use",
                                  adapter_id, "slots_full")
+        self.loads += 1
+        if self.load_delay_s:  # the slot is taken while the copy runs; the adapter serves after it
+            self._loading.add(adapter_id)
+            try:
+                loop = asyncio.get_running_loop()
+                self._stalled_until = max(self._stalled_until, loop.time()) + self.load_delay_s
+                await asyncio.sleep(self._stalled_until - loop.time())
+            finally:
+                self._loading.discard(adapter_id)
         self._adapters[adapter_id] = config
 
     async def unload_adapter(self, adapter_id: str) -> None:
@@ -179,5 +202,6 @@ class NullBackend:
         return self._model_config
 
     def capacity(self) -> Capacity:
-        return Capacity(self.max_num_seqs - self._active, self.max_loras - len(self._adapters), self._waiting,
+        return Capacity(self.max_num_seqs - self._active, self.max_loras - len(self._adapters) - len(self._loading),
+                        self._waiting,
                         self.max_num_seqs, self.max_loras)

@@ -8,20 +8,31 @@ all land on one backend), and returns a ``Choice``: the backend and why it was c
 ``affinity`` (the default) estimates the milliseconds before the request's first token on
 each backend and takes the smallest::
 
-    cost(b) = wait(b) + load(b) + harm(b)
+    cost(b) = wait(b) + load(b) + harm(b) + evict(b)
     wait(b) = max(0, running_b + waiting_b + own_b + 1 - seqs_b) / seqs_b * service_ms_b
     load(b) = 0                                   the adapter is resident on b
             = load_ms(tier) / 2                   it is loading there (half done, on average)
             = load_ms(tier) + slot_wait(b)        otherwise: a load from the tier it is in
-    slot_wait(b) = 0 with a free adapter slot, else the wait for one: 0 when some resident
-                   adapter is idle (it is evicted), else service_ms_b / 2
+    slot_wait(b) = 0 while fewer adapters than b has slots are held by requests there (an idle
+                   resident adapter is evicted if need be), else the wait until one held
+                   adapter's requests are done: service_ms_b * k / (k + 1), k = the fewest
+                   requests holding one of them (a request dispatched for a cold adapter holds
+                   its slot before its load shows in any snapshot)
     harm(b) = load(b) * running_b / seqs_b        a load stalls the sequences running on b
+    evict(b) = 2 * load_ms(cpu) * h / (h + 1)     when the load evicts (no slot is free of
+                   resident, loading and held adapters): h is the heat (recent requests,
+                   fleet-wide, halving every 10 s) of the idle adapter b would evict, its
+                   coldest; a warm one is likely wanted again soon (a reload), a cold one is
+                   not, so the fleet's slots keep the popular adapters across backends
 
 ``running``/``waiting`` are the backend's sequences running and waiting (the gateway's own
 queue for it included), ``own`` what this gateway dispatched since the snapshot, ``seqs`` its
 sequence slots, ``service_ms`` how long a request holds a slot there (measured), and
 ``load_ms(tier)`` the measured time to bring an adapter from the CPU tier (``cpu``) or from
 disk (``disk``) into a slot. Ties go to the backend with fewer own dispatches, then at random.
+What the backends report (capacity, residency) is as of the last snapshot; what this gateway
+itself holds or queues on each backend (requests per adapter, the idle adapters' last use) is
+current.
 
 ``gie`` is the choice of the Gateway API Inference Extension (kubernetes-sigs/
 gateway-api-inference-extension, ``pkg/epp/scheduling/framework/plugins/scorer/
@@ -37,9 +48,10 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
+EVICT_WEIGHT = 2.0
 REASONS = ("resident", "free_slot", "loading", "replica", "failover", "only_choice")
 
 
@@ -57,9 +69,25 @@ class BackendView:
     loading: frozenset[str] = frozenset()  # adapters being loaded into its slots
     running_adapters: frozenset[str] = frozenset()  # adapters with running requests
     waiting_adapters: frozenset[str] = frozenset()  # adapters with waiting requests
-    idle_resident: int = 0  # resident adapters no request holds (evictable)
+    holders: Mapping[str, int] = dataclasses.field(default_factory=dict)  # adapter -> requests running or waiting
     own: int = 0  # this gateway's dispatches since the snapshot
     service_ms: float = 1000.0  # how long a request holds a sequence slot here
+    victim_heat: float = 0.0  # recent requests for the idle adapter a load would evict (fleet-wide)
+
+    @property
+    def held(self) -> frozenset[str]:
+        """Adapters that requests here hold (running or waiting for a slot)."""
+        return frozenset(a for a, n in self.holders.items() if n > 0 and a)
+
+    @property
+    def idle_resident(self) -> int:
+        """Resident adapters no request holds (a load may evict one)."""
+        return len(self.resident - self.held)
+
+    @property
+    def free_slots(self) -> int:
+        """Adapter slots neither taken (resident, loading) nor claimed by a held request."""
+        return max(0, self.adapter_slots - len(self.resident | self.loading | self.held))
 
     @property
     def queue(self) -> int:
@@ -130,12 +158,25 @@ class AffinityPolicy:
             return 0.0
         if ask.adapter in b.loading:
             return costs.of(ask.tier) / 2
-        slot_wait = 0.0 if b.free_adapter_slots > 0 or b.idle_resident > 0 else b.service_ms / 2
-        return costs.of(ask.tier) + slot_wait
+        return costs.of(ask.tier) + AffinityPolicy.slot_wait_ms(b)
+
+    @staticmethod
+    def slot_wait_ms(b: BackendView) -> float:
+        held = b.held
+        if len(held) < b.adapter_slots:
+            return 0.0
+        k = min(b.holders[a] for a in held)
+        return b.service_ms * k / (k + 1)
+
+    @staticmethod
+    def evict_ms(ask: Ask, b: BackendView, costs: LoadCosts) -> float:
+        if ask.adapter is None or ask.adapter in b.resident or ask.adapter in b.loading or b.free_slots > 0:
+            return 0.0
+        return costs.cpu_ms * EVICT_WEIGHT * b.victim_heat / (b.victim_heat + 1)
 
     def cost(self, ask: Ask, b: BackendView, costs: LoadCosts) -> float:
         load = self.load_ms(ask, b, costs)
-        return self.wait_ms(b) + load + load * b.running / b.sequence_slots
+        return self.wait_ms(b) + load + load * b.running / b.sequence_slots + self.evict_ms(ask, b, costs)
 
     def choose(self, ask: Ask, candidates: Sequence[BackendView], costs: LoadCosts) -> Choice:
         scored = [(self.cost(ask, b, costs), b.own, self.rng.random(), b) for b in candidates]

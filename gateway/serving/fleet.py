@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 
 from cache import AdapterCache, Tier
 
-from ..backends import Backend
+from ..backends import Backend, Capacity
 from .breaker import Breaker
 from .dispatch import POLICIES, Ask, BackendView, Choice, LoadCosts, Policy
 from .slotqueue import SlotQueue
@@ -37,6 +37,15 @@ class NoBackend(Exception):
         super().__init__(f"no backend of pool {pool!r} can serve the request: {why}")
 
 
+@dataclasses.dataclass(frozen=True)
+class _Snapshot:
+    """What a backend reported at the last refresh."""
+
+    capacity: Capacity
+    resident: frozenset[str]
+    loading: frozenset[str]
+
+
 @dataclasses.dataclass
 class Member:
     pool: str
@@ -49,7 +58,7 @@ class Member:
     own: int = 0  # dispatches since the last snapshot
     running: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)  # adapter -> holders
     waiting: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
-    view: BackendView | None = None
+    snapshot: _Snapshot | None = None
 
     @property
     def name(self) -> str:
@@ -100,29 +109,34 @@ class Fleet:
 
     # ---- snapshots ---------------------------------------------------------------------------
     def refresh(self, force: bool = False) -> None:
+        """Read what the backends report (capacity, residency), at most every ``refresh_s``."""
         now = self._clock()
         if not force and now - self._refreshed < self.refresh_s:
             return
         self._refreshed = now
         for m in self.members():
-            m.view = self._view(m)
+            c = m.backend.capacity()
+            if c.max_sequence_slots and c.max_sequence_slots != m.queue.capacity:
+                m.queue.resize(c.max_sequence_slots)
+            loading = frozenset(self.cache.loading(m.name)) if self.cache is not None else frozenset()
+            m.snapshot = _Snapshot(c, frozenset(m.backend.adapters()), loading)
             m.own = 0
 
-    def _view(self, m: Member) -> BackendView:
-        c = m.backend.capacity()
-        if c.max_sequence_slots and c.max_sequence_slots != m.queue.capacity:
-            m.queue.resize(c.max_sequence_slots)
-        resident = frozenset(m.backend.adapters())
-        loading = frozenset(self.cache.loading(m.name)) if self.cache is not None else frozenset()
-        running_adapters = frozenset(a for a, n in m.running.items() if n > 0)
-        busy = running_adapters | frozenset(a for a, n in m.waiting.items() if n > 0)
+    def view(self, m: Member) -> BackendView:
+        """``m`` as the policies see it: the last snapshot, and what this gateway holds there now."""
+        assert m.snapshot is not None
+        c, resident = m.snapshot.capacity, m.snapshot.resident
+        holders = {a: m.running[a] + m.waiting[a] for a in m.running.keys() | m.waiting.keys()}
+        victim = self.cache.victim(m.name) if self.cache is not None else None
         return BackendView(
-            name=m.name, sequence_slots=max(1, m.queue.capacity), running=max(m.queue.holders,
-                                                                             c.max_sequence_slots - c.free_sequence_slots),
+            name=m.name, sequence_slots=max(1, m.queue.capacity),
+            running=max(m.queue.holders, c.max_sequence_slots - c.free_sequence_slots),
             waiting=m.queue.waiting + c.queue_depth, adapter_slots=c.max_adapter_slots,
-            free_adapter_slots=c.free_adapter_slots, resident=resident, loading=loading,
-            running_adapters=running_adapters, waiting_adapters=frozenset(a for a, n in m.waiting.items() if n > 0),
-            idle_resident=len(resident - busy), service_ms=m.service_ms)
+            free_adapter_slots=c.free_adapter_slots, resident=resident, loading=m.snapshot.loading,
+            running_adapters=frozenset(a for a, n in m.running.items() if n > 0),
+            waiting_adapters=frozenset(a for a, n in m.waiting.items() if n > 0),
+            holders=holders, own=m.own, service_ms=m.service_ms,
+            victim_heat=self.cache.heat.of(victim) if victim is not None and self.cache is not None else 0.0)
 
     def costs(self) -> LoadCosts:
         if self.cache is None:
@@ -147,10 +161,11 @@ class Fleet:
         self.refresh()
         if rank > p.max_lora_rank:
             raise NoBackend(pool, f"rank {rank} exceeds the pool's max_lora_rank {p.max_lora_rank}")
-        members = [m for m in p.members.values() if m.name not in exclude and m.available() and m.view is not None]
+        members = [m for m in p.members.values()
+                   if m.name not in exclude and m.available() and m.snapshot is not None]
         if not members:
             raise NoBackend(pool, "every backend is down, drained or failing")
-        views = [dataclasses.replace(m.view, own=m.own) for m in members]  # type: ignore[arg-type]
+        views = [self.view(m) for m in members]
         choice = p.policy.choose(Ask(adapter, self.tier(adapter)), views, self.costs())
         chosen = p.members[choice.backend]
         chosen.own += 1
@@ -162,8 +177,11 @@ class Fleet:
         """Hold one of ``member``'s sequence slots (waiting in its queue first, if need be)."""
         key = adapter or ""
         member.waiting[key] += 1
+        reserved = (self.cache.reserved(adapter, member.name) if adapter is not None and self.cache is not None
+                    else contextlib.nullcontext())
         try:
-            await member.queue.acquire()
+            with reserved:  # its adapter stays resident there while the request waits
+                await member.queue.acquire()
         finally:
             _drop(member.waiting, key)
         member.running[key] += 1
