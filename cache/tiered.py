@@ -92,12 +92,21 @@ class AdapterCache:
         self._failure_ttl = failure_ttl_s
         self._clock = clock
         self.heat = Heat(clock=clock)  # requests per adapter lately (every lease counts)
+        #: told of every load into a slot: (backend, tier it came from: "cpu" or "disk", seconds)
+        self.on_load: Callable[[str, str, float], None] | None = None
 
     # ---- backends -----------------------------------------------------------------------
     def add_backend(self, name: str, slots: SlotBackend) -> None:
         """Adapters already in ``slots`` (e.g. the gateway's local adapters) are not the cache's:
         they keep their slots and are never chosen for eviction."""
         self._devices[name] = _Device(name, slots, capacity=slots.free_slots())
+
+    def remove_backend(self, name: str) -> None:
+        """``name`` is gone (its process ended or left its pool): its slots are forgotten."""
+        dev = self._devices.pop(name, None)
+        if dev is not None:
+            for task in dev.loading.values():
+                task.cancel()
 
     def _layouts(self) -> dict[str, SlotBackend]:
         """Each layout the registered backends load, and one backend that prepares it."""
@@ -197,8 +206,11 @@ class AdapterCache:
         await asyncio.shield(task)
 
     async def _load(self, dev: _Device, key: str) -> None:
+        entry = self._cpu.peek(key)
+        tier = "cpu" if entry is not None and (dev.slots.layout in entry.forms or "" in entry.forms) else "disk"
+        started = time.perf_counter()
         adapter = await self.fetch(key, dev.slots.layout)
-        t0 = time.perf_counter()
+        fetched_s = time.perf_counter() - started
         async with dev.room:  # choosing victims and taking a slot; the copy itself runs outside
             if key in dev.order:
                 return
@@ -210,6 +222,7 @@ class AdapterCache:
                     continue
                 await self._unload(dev, victim)
             dev.admitted += 1
+        t0 = time.perf_counter()
         try:  # several loads copy at once (the engine batches them between two steps)
             await dev.slots.load(key, adapter)
             dev.touch(key)
@@ -218,7 +231,10 @@ class AdapterCache:
             async with dev.released:  # a load waiting for room may now find a victim
                 dev.released.notify_all()
         self.counters.loads += 1
-        self.counters.load_latency.observe(time.perf_counter() - t0)
+        copied_s = time.perf_counter() - t0
+        self.counters.load_latency.observe(copied_s)  # the copy alone, not the wait for a slot
+        if self.on_load is not None:
+            self.on_load(dev.name, tier, fetched_s + copied_s)
 
     @staticmethod
     def _full(dev: _Device) -> bool:

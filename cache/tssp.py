@@ -38,7 +38,7 @@ class TsspSource:
         ``recipient_keys`` returns the gateway's current recipient keys (rotation-aware)."""
         self._lookup = lookup
         self._recipients = recipient_keys
-        self._base = base_model
+        self.base_model = base_model  # set once known (the first backend says what it serves)
 
     async def open(self, key: str) -> Decrypted:
         ref = await self._lookup(key)
@@ -51,7 +51,7 @@ class TsspSource:
             raise AdapterUnavailable(key, f"package unreadable: {exc.strerror or exc}") from None
         try:
             opened = open_package(data, trusted_signers=ref.trusted_signers, recipient_keys=recipients,
-                                  base_model=self._base)
+                                  base_model=self.base_model)
         except InvalidPackage:
             raise AdapterUnavailable(key, "stored package failed verification") from None
         m = opened.manifest

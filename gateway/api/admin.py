@@ -112,6 +112,23 @@ class AdminApi:
         key, record = await self.tenancy.issue_key(actor, request.path_params["tenant"], scopes, name)
         return JSONResponse({**key_view(record), "key": key}, status_code=201)
 
+    async def create_operator_key(self, request: Request) -> Response:
+        """A key of no tenant: ``admin``, or ``metrics`` (reads /metrics and nothing else: what
+        a Prometheus scraper should hold)."""
+        actor = await self._admin(request)
+        body = await self._json(request)
+        name = body.get("name", "")
+        if not isinstance(name, str):
+            raise errors.InvalidRequest("Invalid 'name': expected a string.", param="name", code="invalid_type")
+        key, record = await self.tenancy.issue_key(actor, None, scopes_field(body, default="metrics"), name)
+        return JSONResponse({**key_view(record), "key": key}, status_code=201)
+
+    async def list_operator_keys(self, request: Request) -> Response:
+        await self._admin(request)
+        limit, after = page_params(request)
+        items = await self.tenancy.store.list_api_keys(None, limit + 1, after)
+        return JSONResponse(page(items, limit, key_view, lambda k: k.id))
+
     async def list_keys(self, request: Request) -> Response:
         await self._admin(request)
         tenant = await self.tenancy.tenant(request.path_params["tenant"])

@@ -117,9 +117,9 @@ async def read_object(request: Request, limit: int) -> dict[str, Any]:
     return body
 
 
-def scopes_field(body: dict[str, Any]) -> tuple[str, ...]:
-    """``scopes`` of a key request (default: the plain tenant scope)."""
-    scopes = body.get("scopes", ["tenant"])
+def scopes_field(body: dict[str, Any], default: str = "tenant") -> tuple[str, ...]:
+    """``scopes`` of a key request (default: ``default`` alone)."""
+    scopes = body.get("scopes", [default])
     if not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
         raise errors.InvalidRequest("Invalid 'scopes': expected an array of strings.", param="scopes",
                                     code="invalid_type")

@@ -24,6 +24,13 @@ class Callers:
         principal.require("tenant")
         return principal
 
+    async def metrics_reader(self, request: Request) -> Principal:
+        """An operator, or a key of the ``metrics`` scope (a scraper's: it reads nothing else)."""
+        principal = await self.any(request)
+        if not (principal.is_admin or (principal.tenant is None and "metrics" in principal.scopes)):
+            raise errors.PermissionDenied("Metrics need an admin or metrics credential.", code="admin_required")
+        return principal
+
     async def admin(self, request: Request, what: str = "This endpoint") -> Principal:
         principal = await self.any(request)
         if not principal.is_admin:

@@ -1,7 +1,20 @@
-"""Prometheus metrics at ``GET /metrics`` (admin credential: tenants never see each other's
-numbers). Request metrics are observed by the access-log middleware; cache and backend gauges
-are read at scrape time from their owners (no second bookkeeping). Each app has its own
-registry, so several apps in one process do not collide."""
+"""Prometheus metrics at ``GET /metrics`` (an admin or ``metrics`` credential: tenants never see
+each other's numbers). Request metrics are observed by the access-log middleware; cache, fleet
+and store gauges are read at scrape time from their owners (no second bookkeeping). Each app
+has its own registry, so several apps in one process do not collide.
+
+Names the scaler, the alert rules and the dashboards depend on (pinned)::
+
+    tensafe_ttft_seconds, tensafe_itl_seconds        histograms {pool, backend, tenant}
+    tensafe_queue_depth, tensafe_running, tensafe_backend_up, tensafe_resident_adapters
+                                                      gauges {pool, backend}
+    tensafe_adapter_loads_total, tensafe_adapter_load_seconds   {pool, backend, tier}
+    tensafe_dispatch_total                            {pool, reason}
+
+``tenant`` takes the ``top_tenants`` tenants with the most requests and ``other`` for the rest
+(a bounded label set, however many tenants there are). ITL is observed once per request: its
+mean time between tokens.
+"""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
@@ -11,17 +24,59 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 from prometheus_client.registry import Collector
 
-from ..backends import Backend
+from ..serving.fleet import Member
 from ..store.health import StoreHealth
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _KNOWN_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/adapters", "/v1/route"})
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+#: TTFT and ITL buckets: SLO values (0.5 s, 1 s, 2 s, ...) fall on bucket edges
+SLO_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 40.0)
+OTHER = "other"
+
+
+class TopTenants:
+    """Which tenants get a label of their own: the ``n`` with the most requests so far. A
+    tenant that overtakes the least busy of them takes its place (the demoted one's series
+    stop growing; its later requests count under ``other``)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.counts: dict[str, int] = {}
+        self.labelled: set[str] = set()
+
+    def label(self, tenant: str) -> str:
+        count = self.counts[tenant] = self.counts.get(tenant, 0) + 1
+        if tenant in self.labelled:
+            return tenant
+        if len(self.labelled) < self.n:
+            self.labelled.add(tenant)
+            return tenant
+        if self.n:
+            weakest = min(self.labelled, key=self.counts.__getitem__)
+            if count > 2 * self.counts[weakest]:
+                self.labelled.discard(weakest)
+                self.labelled.add(tenant)
+                return tenant
+        if len(self.counts) > 100 * max(1, self.n):  # forget the long tail now and then
+            self.counts = {t: c for t, c in self.counts.items() if t in self.labelled or c > 1}
+        return OTHER
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, top_tenants: int = 20) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self.top = TopTenants(top_tenants)
+        self.fleet_ttft = Histogram("tensafe_ttft_seconds", "Time to first token", ("pool", "backend", "tenant"),
+                                    buckets=SLO_BUCKETS, registry=self.registry)
+        self.fleet_itl = Histogram("tensafe_itl_seconds", "Mean inter-token latency of a request",
+                                   ("pool", "backend", "tenant"), buckets=SLO_BUCKETS, registry=self.registry)
+        self.dispatches = Counter("tensafe_dispatch", "Requests dispatched to a backend, by why it was chosen",
+                                  ("pool", "reason"), registry=self.registry)
+        self.loads = Counter("tensafe_adapter_loads", "Adapter loads into a backend's slots, by the tier they came from",
+                             ("pool", "backend", "tier"), registry=self.registry)
+        self.load_time = Histogram("tensafe_adapter_load_seconds", "Adapter load time, by the tier it came from",
+                                   ("pool", "backend", "tier"), buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.requests = Counter("tensafe_requests", "HTTP requests by route and outcome",
                                 ("path", "status", "code"), registry=self.registry)
         self.ttft = Histogram("tensafe_time_to_first_token_seconds", "Time to first token",
@@ -38,11 +93,24 @@ class Metrics:
         tenant = record.get("tenant") or "-"
         self._child(self.requests, path, str(record["status"]), record.get("error_code") or "").inc()
         self._child(self.latency, path).observe(record["latency_ms"] / 1000)
+        pool = record.get("pool")
+        if pool is not None:
+            self._child(self.dispatches, pool, record.get("dispatch") or "").inc()
         if "ttft_ms" in record:
+            tenant = self.top.label(tenant) if tenant != "-" else tenant
             self._child(self.ttft, tenant).observe(record["ttft_ms"] / 1000)
+            if pool is not None:
+                labels = (pool, record.get("backend") or "", tenant)
+                self._child(self.fleet_ttft, *labels).observe(record["ttft_ms"] / 1000)
+                if "itl_ms" in record:
+                    self._child(self.fleet_itl, *labels).observe(record["itl_ms"] / 1000)
         if "prompt_tokens" in record:
             self._child(self.tokens, tenant, "prompt").inc(record["prompt_tokens"])
             self._child(self.tokens, tenant, "completion").inc(record["completion_tokens"])
+
+    def adapter_loaded(self, pool: str, backend: str, tier: str, seconds: float) -> None:
+        self._child(self.loads, pool, backend, tier).inc()
+        self._child(self.load_time, pool, backend, tier).observe(seconds)
 
     def _child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, kept: finding a child by labels costs more than using it."""
@@ -91,22 +159,38 @@ class CacheCollector(Collector):
                                       count_value=summary["count"], sum_value=summary["sum_s"])
 
 
-class BackendCollector(Collector):
-    def __init__(self, backend: Backend) -> None:
-        self.backend = backend
+class FleetCollector(Collector):
+    """Each backend's state, read at scrape time: the ``tensafe_backend_*`` gauges (label
+    ``backend``) and the pinned fleet gauges (labels ``pool``, ``backend``)."""
+
+    def __init__(self, members: Callable[[], list[Member]]) -> None:
+        self.members = members
 
     def collect(self) -> Iterator[Any]:
-        c = self.backend.capacity()
-        labels = ("backend",)
-        for name, value, help_text in (
-            ("free_sequence_slots", c.free_sequence_slots, "Free batch slots"),
-            ("max_sequence_slots", c.max_sequence_slots, "Batch slots"),
-            ("queue_depth", c.queue_depth, "Requests waiting for a batch slot"),
-            ("free_adapter_slots", c.free_adapter_slots, "Free adapter slots"),
-            ("max_adapter_slots", c.max_adapter_slots, "Adapter slots"),
+        members = self.members()
+        for name, field, help_text in (
+            ("free_sequence_slots", "free_sequence_slots", "Free batch slots"),
+            ("max_sequence_slots", "max_sequence_slots", "Batch slots"),
+            ("queue_depth", "queue_depth", "Requests waiting for a batch slot"),
+            ("free_adapter_slots", "free_adapter_slots", "Free adapter slots"),
+            ("max_adapter_slots", "max_adapter_slots", "Adapter slots"),
         ):
-            family = GaugeMetricFamily(f"tensafe_backend_{name}", help_text, labels=labels)
-            family.add_metric([self.backend.name], value)
+            family = GaugeMetricFamily(f"tensafe_backend_{name}", help_text, labels=("backend",))
+            for m in members:
+                family.add_metric([m.name], getattr(m.backend.capacity(), field))
+            yield family
+        gauges = {
+            "tensafe_queue_depth": ("Requests waiting for a sequence slot (the gateway's queue and the backend's)",
+                                    lambda m: m.queue.waiting + m.backend.capacity().queue_depth),
+            "tensafe_running": ("Requests holding a sequence slot", lambda m: m.queue.holders),
+            "tensafe_backend_up": ("1 when the backend passes its health check and its breaker is not open",
+                                   lambda m: 1.0 if m.up and m.breaker.state != "open" else 0.0),
+            "tensafe_resident_adapters": ("Adapters in the backend's slots", lambda m: len(m.backend.adapters())),
+        }
+        for metric, (help_text, value) in gauges.items():
+            family = GaugeMetricFamily(metric, help_text, labels=("pool", "backend"))
+            for m in members:
+                family.add_metric([m.pool, m.name], value(m))
             yield family
 
 

@@ -58,6 +58,11 @@ ROUTES: tuple[tuple[str, str, str, str], ...] = (
     ("/admin/audit", "GET", "admin_api", "audit"),
     ("/admin/audit/verify", "GET", "admin_api", "audit_verify"),
     ("/admin/cache", "GET", "admin_api", "cache_stats"),
+    ("/admin/keys", "POST", "admin_api", "create_operator_key"),
+    ("/admin/keys", "GET", "admin_api", "list_operator_keys"),
+    ("/admin/backends", "GET", "fleet_api", "backends"),
+    ("/admin/backends/{pool}/{backend}/drain", "POST", "fleet_api", "drain"),
+    ("/admin/backends/{pool}/{backend}/undrain", "POST", "fleet_api", "undrain"),
     ("/admin/cache/{tenant}/{name}/{action}", "POST", "admin_api", "cache_action"),
 )
 

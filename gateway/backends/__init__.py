@@ -1,51 +1,98 @@
-"""Backends behind one interface, chosen by name from a registry (no if/elif on kinds)."""
+"""Backends behind one interface, and the kinds of pool they come in, chosen by name from a
+registry (no if/elif on kinds).
+
+A kind says how a pool gets its backends: ``local`` builds the i-th backend in this process
+(the embedded engine, the null backend), ``remote`` the backend at one address (a ``tensafe
+worker``); a pool's ``discovery`` supplies the count or the addresses."""
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 from adapters.lora import LoraConfig
 
-from ..settings import Settings, SettingsError
+from ..settings import PoolSettings, Settings, SettingsError
 from .base import Backend, BackendChunk, BackendRequest, Capacity, Health, Message, Sampling
 
 
-def _embedded(settings: Settings) -> Backend:
+def _embedded(pool: PoolSettings, settings: Settings, index: int) -> Backend:
     from .embedded import EmbeddedBackend, engine_config
 
-    return EmbeddedBackend(engine_config(settings))
+    if pool.count != 1:
+        raise SettingsError("pools", f"pool {pool.name}: one embedded engine per process (count = 1); "
+                                     "more engines run as tensafe workers")
+    return EmbeddedBackend(engine_config(settings), name=_local_name(pool, index, "embedded"))
 
 
-def _null(settings: Settings) -> Backend:
+def _null(pool: PoolSettings, settings: Settings, index: int) -> Backend:
     from .null import NullBackend, model_config_of
 
-    return NullBackend(model_config=model_config_of(settings.model), model=settings.model_name,
-                       tokens=settings.null_tokens,
-                       token_delay_s=settings.null_token_delay_s, max_num_seqs=settings.max_num_seqs,
-                       token_delay_per_seq_s=settings.null_token_delay_per_seq_s,
-                       load_delay_s=settings.null_load_delay_s,
-                       max_queue=settings.max_queue, max_model_len=settings.max_model_len,
-                       max_loras=settings.max_loras, max_lora_rank=settings.max_lora_rank)
+    o = pool.options
+    return NullBackend(
+        name=_local_name(pool, index, "null"), model_config=model_config_of(settings.model), model=settings.model_name,
+        tokens=o.get("tokens", settings.null_tokens), token_delay_s=o.get("token_delay_s", settings.null_token_delay_s),
+        token_delay_per_seq_s=o.get("token_delay_per_seq_s", settings.null_token_delay_per_seq_s),
+        load_delay_s=o.get("load_delay_s", settings.null_load_delay_s),
+        max_num_seqs=o.get("max_num_seqs", settings.max_num_seqs), max_queue=o.get("max_queue", settings.max_queue),
+        max_model_len=o.get("max_model_len", settings.max_model_len), max_loras=o.get("max_loras", settings.max_loras),
+        max_lora_rank=o.get("max_lora_rank", settings.max_lora_rank))
 
 
-def _tensafe(settings: Settings) -> Backend:
+def _tensafe(pool: PoolSettings, settings: Settings, url: str) -> Backend:
     from .remote import RemoteBackend
 
-    if not settings.remote_url:
+    name = "tensafe" if pool.name == "default" else f"{pool.name}-{url.split('://', 1)[-1].rstrip('/')}"
+    return RemoteBackend(url, pool.token, name=name, stream_timeout_s=settings.request_timeout_s)
+
+
+def _local_name(pool: PoolSettings, index: int, kind: str) -> str:
+    """The one backend of the default pool keeps its kind's name; others are pool-index."""
+    return kind if pool.name == "default" and pool.count == 1 else f"{pool.name}-{index}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    local: Callable[[PoolSettings, Settings, int], Backend] | None = None
+    remote: Callable[[PoolSettings, Settings, str], Backend] | None = None
+
+
+KINDS: dict[str, Kind] = {"embedded": Kind(local=_embedded), "null": Kind(local=_null),
+                          "tensafe": Kind(remote=_tensafe)}
+
+
+def kind_of(pool: PoolSettings) -> Kind:
+    try:
+        return KINDS[pool.kind]
+    except KeyError:
+        raise SettingsError("pools", f"pool {pool.name}: unknown kind {pool.kind!r}; choose one of "
+                                     f"{', '.join(KINDS)}") from None
+
+
+def default_pool(settings: Settings) -> PoolSettings:
+    """The pool ``default`` that today's single-backend settings describe."""
+    if settings.backend == "tensafe" and not settings.remote_url:
         raise SettingsError("remote_url", "backend tensafe needs the worker's URL (--remote-url http://host:port)")
-    return RemoteBackend(settings.remote_url, settings.remote_token, name="tensafe",
-                         stream_timeout_s=settings.request_timeout_s)
+    urls = (settings.remote_url,) if settings.backend == "tensafe" else ()
+    return PoolSettings("default", kind=settings.backend, urls=urls, token=settings.remote_token)
 
 
-BACKENDS: dict[str, Callable[[Settings], Backend]] = {"embedded": _embedded, "null": _null, "tensafe": _tensafe}
+def static_backends(pool: PoolSettings, settings: Settings) -> list[Backend]:
+    """The backends of a pool with static discovery: ``count`` local ones or one per URL."""
+    kind = kind_of(pool)
+    if kind.local is not None:
+        return [kind.local(pool, settings, i) for i in range(pool.count)]
+    assert kind.remote is not None
+    if not pool.urls and pool.discovery == "static":
+        raise SettingsError("pools", f"pool {pool.name}: a {pool.kind} pool needs urls (or dns discovery)")
+    return [kind.remote(pool, settings, url) for url in pool.urls]
 
 
 def create_backend(settings: Settings) -> Backend:
-    try:
-        factory = BACKENDS[settings.backend]
-    except KeyError:
-        raise ValueError(f"unknown backend {settings.backend!r}; choose one of {', '.join(BACKENDS)}") from None
-    return factory(settings)
+    """The one backend of the default pool."""
+    if settings.backend not in KINDS:
+        raise ValueError(f"unknown backend {settings.backend!r}; choose one of {', '.join(KINDS)}")
+    return static_backends(default_pool(settings), settings)[0]
 
 
-__all__ = ["BACKENDS", "Backend", "BackendChunk", "BackendRequest", "Capacity", "Health", "LoraConfig", "Message",
-           "Sampling", "create_backend"]
+__all__ = ["KINDS", "Backend", "BackendChunk", "BackendRequest", "Capacity", "Health", "Kind", "LoraConfig",
+           "Message", "Sampling", "create_backend", "default_pool", "kind_of", "static_backends"]

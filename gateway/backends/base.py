@@ -63,6 +63,7 @@ class Capacity:
     queue_depth: int
     max_sequence_slots: int
     max_adapter_slots: int
+    max_lora_rank: int = 0  # the largest adapter rank a slot holds (0: not known)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

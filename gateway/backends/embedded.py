@@ -160,4 +160,4 @@ class EmbeddedBackend:
             return Capacity(0, 0, 0, 0, 0)
         c = self.engine.capacity()
         return Capacity(c.free_sequence_slots, c.free_adapter_slots, c.queue_depth, c.max_sequence_slots,
-                        c.max_adapter_slots)
+                        c.max_adapter_slots, self.config.max_lora_rank)

@@ -203,5 +203,4 @@ class NullBackend:
 
     def capacity(self) -> Capacity:
         return Capacity(self.max_num_seqs - self._active, self.max_loras - len(self._adapters) - len(self._loading),
-                        self._waiting,
-                        self.max_num_seqs, self.max_loras)
+                        self._waiting, self.max_num_seqs, self.max_loras, self.max_lora_rank)

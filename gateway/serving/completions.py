@@ -77,9 +77,8 @@ class CompletionService:
 
     def __init__(self, fleet: Fleet, names: ModelNames, *, max_body_bytes: int, request_timeout_s: float,
                  retry_after_s: int, cache: AdapterCache | None = None, quotas: Quotas | None = None,
-                 usage: UsageRecorder | None = None, auto: AutoSelector | None = None, pool: str = "default") -> None:
+                 usage: UsageRecorder | None = None, auto: AutoSelector | None = None) -> None:
         self.fleet = fleet
-        self.pool = pool
         self.auto = auto
         self.names = names
         self.max_body_bytes = max_body_bytes
@@ -196,7 +195,7 @@ class CompletionService:
         tried: frozenset[str] = frozenset()
         while True:
             try:
-                member, choice = self.fleet.choose(self.pool, target.adapter_id, target.rank, exclude=tried)
+                member, choice = self.fleet.choose(target.adapter_id, target.rank, exclude=tried)
             except NoBackend as exc:
                 raise errors.Overloaded(f"No model backend can take the request now ({exc.why}); retry shortly.",
                                         code="no_backend", retry_after=self.retry_after) from None

@@ -1,16 +1,16 @@
-"""Pools of backends behind the gateway, and the dispatch of each request to one of them.
+"""The backends behind the gateway, in pools, and the dispatch of each request to one of them.
 
-A ``Pool`` is a named set of backends of one kind serving one base model; each backend is a
-``Member`` with what the gateway keeps about it: its queue (``SlotQueue``: the gateway fills
-at most its sequence slots and queues the rest), a circuit breaker, its drain flag, the
-measured time a request holds a slot, and a snapshot of its state refreshed every
-``refresh_s`` (capacity from the backend, adapter residency from the cache). ``Fleet.choose``
-filters a pool's members (healthy, breaker closed or probing, not drained, able to run the
-adapter) and asks the pool's policy (``dispatch``) for one; ``Fleet.slot`` holds a sequence
-slot on it for the request's life.
+Each backend is a ``Member`` of a named pool, with what the gateway keeps about it: its queue
+(``SlotQueue``: the gateway fills at most its sequence slots and queues the rest), a circuit
+breaker, its health and drain state, the measured time a request holds a slot, and a snapshot
+of what it reports (capacity, residency) refreshed every ``refresh_s``. ``choose`` filters the
+members (healthy, breaker closed or probing, not drained or leaving, able to hold the
+adapter's rank) and asks the policy (``dispatch``) for one; ``slot`` holds a sequence slot on
+it for the request's life. Members come and go at run time (``add``, ``remove``: discovery).
 """
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import dataclasses
@@ -22,19 +22,19 @@ from cache import AdapterCache, Tier
 
 from ..backends import Backend, Capacity
 from .breaker import Breaker
-from .dispatch import POLICIES, Ask, BackendView, Choice, LoadCosts, Policy
+from .dispatch import POLICIES, Ask, BackendView, Choice, LoadCosts
 from .slotqueue import SlotQueue
+from .slots import BackendSlots
 
 log = logging.getLogger("tensafe.gateway")
 
 
 class NoBackend(Exception):
-    """No member of the pool can take the request now (all down, open, drained or unfit)."""
+    """No backend can take the request now (all down, open, drained or unfit)."""
 
-    def __init__(self, pool: str, why: str) -> None:
-        self.pool = pool
+    def __init__(self, why: str) -> None:
         self.why = why
-        super().__init__(f"no backend of pool {pool!r} can serve the request: {why}")
+        super().__init__(f"no backend can serve the request: {why}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,8 +52,10 @@ class Member:
     backend: Backend
     queue: SlotQueue
     breaker: Breaker
-    drained: bool = False
-    up: bool = True
+    drained: bool = False  # by an operator (kept in the store: every replica honours it)
+    leaving: bool = False  # gone from discovery: finishing what it holds
+    up: bool = True  # the last health check
+    health_detail: str = ""
     service_ms: float = 1000.0  # moving average of how long a request holds a slot
     own: int = 0  # dispatches since the last snapshot
     running: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)  # adapter -> holders
@@ -69,52 +71,69 @@ class Member:
         return f"{self.pool}/{self.backend.name}"
 
     def available(self) -> bool:
-        return self.up and not self.drained and self.breaker.allows()
+        return self.up and not self.drained and not self.leaving and self.breaker.allows()
 
     def served(self, seconds: float) -> None:
         self.service_ms += 0.2 * (seconds * 1000 - self.service_ms)
 
 
-@dataclasses.dataclass
-class Pool:
-    name: str
-    members: dict[str, Member]
-    policy: Policy
-    max_lora_rank: int = 1 << 30
-
-
 class Fleet:
-    """Every pool, the dispatch into them, and the snapshots the policies read."""
-
-    def __init__(self, pools: Iterable[Pool], cache: AdapterCache | None = None, *, refresh_s: float = 0.05,
+    def __init__(self, cache: AdapterCache | None = None, *, policy: str = "affinity", refresh_s: float = 0.05,
+                 queue_limit: int = 256, breaker: Callable[[], Breaker] = Breaker, health_timeout_s: float = 2.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.pools = {p.name: p for p in pools}
+        if policy not in POLICIES:
+            raise ValueError(f"dispatch {policy!r} is not one of {', '.join(POLICIES)}")
         self.cache = cache
+        self.policy = POLICIES[policy]()
         self.refresh_s = refresh_s
+        self.queue_limit = queue_limit
+        self._breaker = breaker
+        self.health_timeout_s = health_timeout_s
         self._clock = clock
         self._refreshed = float("-inf")
+        self.members: dict[str, Member] = {}
 
-    @staticmethod
-    def pool_of(backends: Iterable[Backend], name: str = "default", policy: str = "affinity",
-                queue_limit: int = 256, breaker: Callable[[], Breaker] = Breaker) -> Pool:
-        members = {}
-        for backend in backends:
-            slots = max(1, backend.capacity().max_sequence_slots)
-            members[backend.name] = Member(name, backend, SlotQueue(slots, queue_limit), breaker())
-        return Pool(name, members, POLICIES[policy]())
+    def add(self, pool: str, backend: Backend) -> Member:
+        """A started backend joins ``pool`` (names are unique across pools)."""
+        if backend.name in self.members:
+            raise ValueError(f"a backend named {backend.name!r} is already in the fleet")
+        slots = max(1, backend.capacity().max_sequence_slots)
+        member = Member(pool, backend, SlotQueue(slots, self.queue_limit), self._breaker())
+        if self.cache is not None:
+            self.cache.add_backend(backend.name, BackendSlots(backend))
+        self.members[backend.name] = member
+        self._refreshed = float("-inf")
+        return member
 
-    def members(self) -> Iterable[Member]:
-        for pool in self.pools.values():
-            yield from pool.members.values()
+    async def remove(self, name: str, grace_s: float = 30.0) -> None:
+        """``name`` leaves: no new request goes to it, those it holds finish (up to ``grace_s``),
+        then it is closed and forgotten."""
+        member = self.members.get(name)
+        if member is None:
+            return
+        member.leaving = True
+        deadline = self._clock() + grace_s
+        while (member.queue.holders or member.queue.waiting) and self._clock() < deadline:
+            await asyncio.sleep(0.05)
+        self.members.pop(name, None)
+        if self.cache is not None:
+            self.cache.remove_backend(name)
+        await member.backend.close()
 
-    # ---- snapshots ---------------------------------------------------------------------------
+    def pools(self) -> dict[str, list[Member]]:
+        out: dict[str, list[Member]] = {}
+        for m in self.members.values():
+            out.setdefault(m.pool, []).append(m)
+        return out
+
+    # ---- state ---------------------------------------------------------------------------------
     def refresh(self, force: bool = False) -> None:
         """Read what the backends report (capacity, residency), at most every ``refresh_s``."""
         now = self._clock()
         if not force and now - self._refreshed < self.refresh_s:
             return
         self._refreshed = now
-        for m in self.members():
+        for m in self.members.values():
             c = m.backend.capacity()
             if c.max_sequence_slots and c.max_sequence_slots != m.queue.capacity:
                 m.queue.resize(c.max_sequence_slots)
@@ -154,20 +173,46 @@ class Fleet:
         tiers = self.cache.status(adapter).tiers
         return Tier.DEVICE.value if Tier.DEVICE in tiers else (Tier.CPU.value if Tier.CPU in tiers else "disk")
 
+    async def check(self) -> None:
+        """Ask every backend whether it is healthy (bounded by ``health_timeout_s`` each, all at
+        once); one that answers again after failing is used again, its breaker reset."""
+        async def one(m: Member) -> None:
+            try:
+                health = await asyncio.wait_for(m.backend.health(), self.health_timeout_s)
+                ok, detail = health.ok, health.detail
+            except (TimeoutError, OSError) as exc:
+                ok, detail = False, f"health check failed: {type(exc).__name__}"
+            except Exception as exc:  # noqa: BLE001 - any failure of a backend's check means "not healthy"
+                ok, detail = False, f"health check failed: {type(exc).__name__}: {exc}"[:200]
+            if ok and not m.up:
+                log.warning("backend %s is healthy again", m.key)
+                m.breaker.success()
+            elif not ok and m.up:
+                log.warning("backend %s is unhealthy: %s", m.key, detail)
+            m.up, m.health_detail = ok, detail
+
+        await asyncio.gather(*(one(m) for m in list(self.members.values())))
+
+    def set_drained(self, drained: Iterable[str]) -> None:
+        """The drain state from the store (keys ``pool/backend``)."""
+        keys = set(drained)
+        for m in self.members.values():
+            m.drained = m.key in keys
+
     # ---- dispatch ----------------------------------------------------------------------------
-    def choose(self, pool: str, adapter: str | None, rank: int = 0, exclude: frozenset[str] = frozenset()
+    def choose(self, adapter: str | None, rank: int = 0, exclude: frozenset[str] = frozenset()
                ) -> tuple[Member, Choice]:
-        p = self.pools[pool]
         self.refresh()
-        if rank > p.max_lora_rank:
-            raise NoBackend(pool, f"rank {rank} exceeds the pool's max_lora_rank {p.max_lora_rank}")
-        members = [m for m in p.members.values()
+        members = [m for m in self.members.values()
                    if m.name not in exclude and m.available() and m.snapshot is not None]
         if not members:
-            raise NoBackend(pool, "every backend is down, drained or failing")
-        views = [self.view(m) for m in members]
-        choice = p.policy.choose(Ask(adapter, self.tier(adapter)), views, self.costs())
-        chosen = p.members[choice.backend]
+            raise NoBackend("every backend is down, drained or failing")
+        fit = [m for m in members if not rank or not m.snapshot.capacity.max_lora_rank  # type: ignore[union-attr]
+               or rank <= m.snapshot.capacity.max_lora_rank]  # type: ignore[union-attr]
+        if not fit:
+            raise NoBackend(f"no backend holds adapters of rank {rank}")
+        choice = self.policy.choose(Ask(adapter, self.tier(adapter)), [self.view(m) for m in fit], self.costs())
+        chosen = self.members[choice.backend]
         chosen.own += 1
         chosen.breaker.sent()
         return chosen, choice
@@ -192,6 +237,9 @@ class Fleet:
             _drop(member.running, key)
             member.queue.release()
             member.served(self._clock() - started)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(m.backend.close() for m in self.members.values()))
 
 
 def _drop(counts: collections.Counter[str], key: str) -> None:

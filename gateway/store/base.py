@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from .types import AdapterRecord, ApiKeyRecord, AuditEntry, AuditHead, SigningKeyRecord, Tenant, UsageRow
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 GENESIS = "0" * 64
 
 
@@ -142,6 +142,13 @@ class Store(Protocol):
         """Appends atomically (sequence and hash chain computed inside the store)."""
 
     async def list_audit(self, after: int = 0, limit: int = 100) -> list[AuditEntry]: ...
+
+    # backends drained by an operator ------------------------------------------------------
+    async def set_drained(self, backend: str, drained: bool, at: int) -> None:
+        """``backend`` is ``pool/name``; every gateway replica stops (or resumes) dispatching to it."""
+
+    async def drained(self) -> dict[str, int]:
+        """Drained backends and when they were drained."""
 
     async def audit_head(self) -> AuditHead | None:
         """The last entry's seq and hash as recorded with each append (None: nothing appended)."""

@@ -15,6 +15,7 @@ tenant id, at its end, so no two identities can map to the same key (``{p}`` is 
     {p}usage:tenant            hash  JSON [day, model, counter] -> count (HINCRBY)
     {p}experts                 hash  tenant id -> expert table
     {p}audit                   zset  audit entries (JSON) scored by seq
+    {p}drains                  hash  pool/backend -> when an operator drained it
 
 Every method raises ``StoreUnavailable`` when Redis does not answer in time (see ``outage``).
 Sorted sets hold their members at score 0 and page by identity with ZRANGEBYLEX. Inserts run
@@ -129,6 +130,7 @@ class RedisStore:
             last = await self.client.zrange(self._k("audit"), -1, -1, withscores=True)
             if last:
                 await self.client.hsetnx(meta, "audit_head", f"{int(last[0][1])}:{json.loads(last[0][0])['hash']}")
+        if found < SCHEMA_VERSION:  # version 3 added the drains hash, which needs no migration
             await self.client.hset(meta, "schema_version", SCHEMA_VERSION)
 
     async def close(self) -> None:
@@ -345,6 +347,15 @@ class RedisStore:
     async def list_audit(self, after: int = 0, limit: int = 100) -> list[AuditEntry]:
         members = await self.client.zrangebyscore(self._k("audit"), f"({after}", "+inf", 0, limit)
         return [_load(AuditEntry, m) for m in members]
+
+    async def set_drained(self, backend: str, drained: bool, at: int) -> None:
+        if drained:
+            await self.client.hset(self._k("drains"), backend, at)
+        else:
+            await self.client.hdel(self._k("drains"), backend)
+
+    async def drained(self) -> dict[str, int]:
+        return {_text(k): int(v) for k, v in (await self.client.hgetall(self._k("drains"))).items()}
 
     async def audit_head(self) -> AuditHead | None:
         raw = await self.client.hget(self._k("meta"), "audit_head")

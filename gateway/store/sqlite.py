@@ -44,6 +44,10 @@ MIGRATIONS: dict[int, str] = {
     ALTER TABLE tenants ADD COLUMN incarnation TEXT NOT NULL DEFAULT '';
     INSERT INTO meta SELECT 'audit_head', seq || ':' || hash FROM audit ORDER BY seq DESC LIMIT 1;
     """,
+    # backends drained by an operator
+    3: """
+    CREATE TABLE drains (backend TEXT PRIMARY KEY, at INTEGER NOT NULL);
+    """,
 }
 
 
@@ -276,6 +280,15 @@ class SqliteStore:
     async def list_audit(self, after: int = 0, limit: int = 100) -> list[AuditEntry]:
         rows = self.db.execute("SELECT * FROM audit WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit))
         return [_audit(r) for r in rows]
+
+    async def set_drained(self, backend: str, drained: bool, at: int) -> None:
+        if drained:
+            self.db.execute("INSERT OR REPLACE INTO drains VALUES (?, ?)", (backend, at))
+        else:
+            self.db.execute("DELETE FROM drains WHERE backend = ?", (backend,))
+
+    async def drained(self) -> dict[str, int]:
+        return {r["backend"]: r["at"] for r in self.db.execute("SELECT * FROM drains")}
 
     async def audit_head(self) -> AuditHead | None:
         row = self.db.execute("SELECT value FROM meta WHERE key = 'audit_head'").fetchone()

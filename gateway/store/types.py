@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-SCOPES = ("tenant", "tenant-admin", "admin")
+SCOPES = ("tenant", "tenant-admin", "admin", "metrics")
 
 
 @dataclasses.dataclass(frozen=True)

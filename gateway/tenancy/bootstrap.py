@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from adapters.keys import generate_signing_key, load_signing_private, save_signing_key
-from adapters.package import pack
 from adapters.lora import LoraConfig
+from adapters.package import pack
 from adapters.peft import lora_config
 from adapters.validate import lora_tensor_name
 

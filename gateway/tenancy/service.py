@@ -39,6 +39,7 @@ from .usage import UsageRecorder
 
 TENANT_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 TENANT_SCOPES = ("tenant", "tenant-admin")
+OPERATOR_SCOPES = ("admin", "metrics")  # metrics: read /metrics, nothing else
 
 
 class Tenancy:
@@ -107,7 +108,7 @@ class Tenancy:
     # API keys --------------------------------------------------------------------------------
     async def issue_key(self, actor: str, tenant_id: str | None, scopes: tuple[str, ...], name: str,
                         key: str | None = None) -> tuple[str, ApiKeyRecord]:
-        allowed = TENANT_SCOPES if tenant_id is not None else ("admin",)
+        allowed = TENANT_SCOPES if tenant_id is not None else OPERATOR_SCOPES
         bad = [s for s in scopes if s not in allowed]
         if not scopes or bad:
             raise errors.InvalidRequest(f"Invalid 'scopes': choose from {', '.join(allowed)}.", param="scopes",

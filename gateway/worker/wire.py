@@ -204,7 +204,7 @@ def capacity_fields(capacity: Capacity) -> dict[str, int]:
 
 
 def capacity_from(fields: Mapping[str, Any]) -> Capacity:
-    return Capacity(**{f.name: int(fields[f.name]) for f in dataclasses.fields(Capacity)})
+    return Capacity(**{f.name: int(fields.get(f.name, 0)) for f in dataclasses.fields(Capacity)})
 
 
 def stamp(capacity: Capacity, epoch: str, seq: int) -> str:

@@ -268,6 +268,17 @@ class StoreContract:
         assert await store.get_experts("acme") == {"experts": []}
         assert await store.get_experts("other") is None
 
+    # drains -------------------------------------------------------------------------------
+    async def test_drains_are_set_listed_and_lifted(self, store: Store, opener: Opener) -> None:
+        assert await store.drained() == {}
+        await store.set_drained("cpu/w1", True, 10)
+        await store.set_drained("cpu/w2", True, 11)
+        await store.set_drained("cpu/w2", True, 12)  # idempotent: the latest time stays
+        await store.set_drained("cpu/w3", False, 13)  # lifting one never set is harmless
+        assert await store.drained() == {"cpu/w1": 10, "cpu/w2": 12}
+        await store.set_drained("cpu/w1", False, 14)
+        assert await (await opener()).drained() == {"cpu/w2": 12}  # another instance (replica) sees it
+
     # audit --------------------------------------------------------------------------------
     async def test_audit_entries_are_numbered_and_chained(self, store: Store) -> None:
         first = await store.append_audit(10, "op", "tenant.create", "acme", '{"a":1}')
