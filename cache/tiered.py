@@ -284,6 +284,10 @@ class AdapterCache:
         idle = [k for k in dev.order if not dev.leases.get(k) and not dev.pending.get(k)]
         return min(idle, key=self.heat.of) if idle else None
 
+    def in_slots(self, backend: str) -> set[str]:
+        """The adapters this cache has in ``backend``'s slots right now."""
+        return set(self._device(backend).order)
+
     def loading(self, backend: str) -> set[str]:
         """The adapters being loaded into ``backend``'s slots right now."""
         return set(self._device(backend).loading)

@@ -32,7 +32,6 @@ from cache import AdapterCache, Decrypted, UnknownAdapter
 from gateway.backends.base import BackendRequest, Sampling
 from gateway.backends.null import NullBackend
 from gateway.serving.fleet import Fleet
-from gateway.serving.slots import BackendSlots
 
 BACKENDS, SEQ_SLOTS, ADAPTER_SLOTS = 4, 8, 4
 TOKEN_S, PER_SEQ_S, LOAD_S = 0.005, 0.001, 0.020
@@ -79,11 +78,10 @@ async def run_policy(policy: str, plan: list[tuple[float, str]], seed: int) -> d
     for b in backends:
         await b.start()
     cache = AdapterCache(MemorySource(), cpu_budget_bytes=1 << 30, tenant_share=1.0)
-    pool = Fleet.pool_of(backends, policy=policy, queue_limit=4096)
-    pool.policy.rng = random.Random(seed)  # type: ignore[attr-defined]
-    for member in pool.members.values():
-        cache.add_backend(member.name, BackendSlots(member.backend))
-    fleet = Fleet([pool], cache)
+    fleet = Fleet(cache, policy=policy, queue_limit=4096)
+    fleet.policy.rng = random.Random(seed)  # type: ignore[attr-defined]
+    for backend in backends:
+        fleet.add("default", backend)
     ttfts: list[float] = []
     tokens = 0
     prompt = " ".join(["word"] * (PROMPT_TOKENS - 2))
@@ -92,7 +90,7 @@ async def run_policy(policy: str, plan: list[tuple[float, str]], seed: int) -> d
         nonlocal tokens
         await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
         arrived = time.perf_counter()
-        member, _ = fleet.choose("default", adapter, LORA.rank)
+        member, _ = fleet.choose(adapter, LORA.rank)
         async with fleet.slot(member, adapter), cache.lease(adapter, member.name):
             req = BackendRequest(request_id=f"r{i}", sampling=Sampling(max_tokens=NEW_TOKENS, ignore_eos=True),
                                  prompt=prompt, adapter_id=adapter)

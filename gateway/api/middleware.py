@@ -24,8 +24,8 @@ log = logging.getLogger("tensafe.gateway")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 #: request.state attributes copied into the access log when a handler set them
-LOGGED_STATE = ("tenant", "model", "adapter", "expert", "route_method", "ttft_ms", "prompt_tokens", "completion_tokens", "finish_reason",
-                "error_code", "ignored_fields")
+LOGGED_STATE = ("tenant", "model", "adapter", "expert", "route_method", "pool", "backend", "dispatch", "ttft_ms",
+                "itl_ms", "prompt_tokens", "completion_tokens", "finish_reason", "error_code", "ignored_fields")
 
 
 class GatewayMiddleware:

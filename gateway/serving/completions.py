@@ -137,7 +137,8 @@ class CompletionService:
         except BaseException:
             await resources.aclose()
             raise
-        state.ttft_ms = round((time.perf_counter() - started) * 1000, 3)
+        tally.first_at = time.perf_counter()
+        state.ttft_ms = round((tally.first_at - started) * 1000, 3)
         if target.adapter_id:
             headers["x-tensafe-adapter"] = wire.header_text(target.model)
         created = int(time.time())
@@ -282,6 +283,8 @@ class CompletionService:
         tally.tokens = last.prompt_tokens + last.completion_tokens
         state.prompt_tokens, state.completion_tokens = last.prompt_tokens, last.completion_tokens
         state.finish_reason = last.finish_reason
+        if last.completion_tokens > 1 and tally.first_at:
+            state.itl_ms = round((time.perf_counter() - tally.first_at) * 1000 / (last.completion_tokens - 1), 3)
         if self.usage is not None and principal.tenant is not None:
             self.usage.add(principal.tenant, target.model, last.prompt_tokens, last.completion_tokens,
                            principal.incarnation)
@@ -356,6 +359,7 @@ def _max_tokens(requested: int | None, principal: Principal) -> int | None:
 class _Tally:
     tokens: int = 0
     counted: bool = False
+    first_at: float = 0.0  # when the first chunk came
 
 
 async def _collect(stream: AsyncIterator[BackendChunk], first: BackendChunk | None) -> tuple[str, BackendChunk]:

@@ -1,15 +1,15 @@
 """Which backend of a pool serves a request: three policies over one snapshot of the fleet.
 
-Every policy sees the same ``BackendView`` per candidate, refreshed on the same interval, plus
-this gateway's own dispatches since that refresh (so a burst between two refreshes does not
-all land on one backend), and returns a ``Choice``: the backend and why it was chosen (the
-``reason`` label of ``tensafe_dispatch_total``).
+Every policy sees the same ``BackendView`` per candidate: what the backends report, refreshed
+on the same interval, and what this gateway holds and queues on each, as it is now (so a
+burst between two refreshes does not all land on one backend). It returns a ``Choice``: the
+backend and why it was chosen (the ``reason`` label of ``tensafe_dispatch_total``).
 
 ``affinity`` (the default) estimates the milliseconds before the request's first token on
 each backend and takes the smallest::
 
     cost(b) = wait(b) + load(b) + harm(b) + evict(b)
-    wait(b) = max(0, running_b + waiting_b + own_b + 1 - seqs_b) / seqs_b * service_ms_b
+    wait(b) = max(0, running_b + waiting_b + 1 - seqs_b) / seqs_b * service_ms_b
     load(b) = 0                                   the adapter is resident on b
             = load_ms(tier) / 2                   it is loading there (half done, on average)
             = load_ms(tier) + slot_wait(b)        otherwise: a load from the tier it is in
@@ -26,10 +26,12 @@ each backend and takes the smallest::
                    not, so the fleet's slots keep the popular adapters across backends
 
 ``running``/``waiting`` are the backend's sequences running and waiting (the gateway's own
-queue for it included), ``own`` what this gateway dispatched since the snapshot, ``seqs`` its
+queue for it included; what this gateway holds there counts as it is now, not as of the
+snapshot), ``seqs`` its
 sequence slots, ``service_ms`` how long a request holds a slot there (measured), and
 ``load_ms(tier)`` the measured time to bring an adapter from the CPU tier (``cpu``) or from
-disk (``disk``) into a slot. Ties go to the backend with fewer own dispatches, then at random.
+disk (``disk``) into a slot. Ties go to the backend with fewer of this gateway's dispatches
+since the snapshot (``own``: a burst between two snapshots spreads), then at random.
 What the backends report (capacity, residency) is as of the last snapshot; what this gateway
 itself holds or queues on each backend (requests per adapter, the idle adapters' last use) is
 current.
@@ -91,7 +93,7 @@ class BackendView:
 
     @property
     def queue(self) -> int:
-        return self.waiting + max(0, self.running + self.own - self.sequence_slots)
+        return self.waiting
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -149,7 +151,7 @@ class AffinityPolicy:
 
     @staticmethod
     def wait_ms(b: BackendView) -> float:
-        ahead = b.running + b.waiting + b.own + 1 - b.sequence_slots
+        ahead = b.running + b.waiting + 1 - b.sequence_slots
         return max(0, ahead) / b.sequence_slots * b.service_ms
 
     @staticmethod

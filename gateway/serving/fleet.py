@@ -145,6 +145,8 @@ class Fleet:
         """``m`` as the policies see it: the last snapshot, and what this gateway holds there now."""
         assert m.snapshot is not None
         c, resident = m.snapshot.capacity, m.snapshot.resident
+        if self.cache is not None:  # and what this gateway itself loaded since the snapshot
+            resident = resident | frozenset(self.cache.in_slots(m.name))
         holders = {a: m.running[a] + m.waiting[a] for a in m.running.keys() | m.waiting.keys()}
         victim = self.cache.victim(m.name) if self.cache is not None else None
         return BackendView(

@@ -36,14 +36,15 @@ class Proc:
     TENSAFE_* are dropped), ``cwd`` is where it runs."""
 
     def __init__(self, tmp: Path, *args: str, verb: str = "serve", ready: str = "/ready",
-                 env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+                 env: dict[str, str] | None = None, cwd: Path | None = None, host: str = "127.0.0.1",
+                 port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.url = f"http://{host}:{self.port}"
         environ = {k: v for k, v in os.environ.items() if not k.startswith("TENSAFE_")}
         environ.update(env or {})
         self.p = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", verb, "--port", str(self.port), "--data-dir", str(tmp / "data"),
-             *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environ, cwd=cwd)
+            [sys.executable, "-m", "gateway.cli", verb, "--host", host, "--port", str(self.port), "--data-dir",
+             str(tmp / "data"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environ, cwd=cwd)
         self.stdout: list[str] = []
         self.stderr: list[str] = []
         self.reading = threading.Event()  # cleared: nobody reads the server's output (its pipes fill up)
