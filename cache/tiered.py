@@ -214,13 +214,19 @@ class AdapterCache:
         async with dev.room:  # choosing victims and taking a slot; the copy itself runs outside
             if key in dev.order:
                 return
+            busy: set[str] = set()  # idle here, but serving another gateway replica's requests
             while self._full(dev):
-                victim = self.victim(dev.name)
+                victim = self.victim(dev.name, skip=busy)
                 if victim is None:  # every slot serves a request or is loading: wait for one
                     async with dev.released:
-                        await dev.released.wait()
+                        with contextlib.suppress(TimeoutError):  # a slot freed elsewhere tells nobody here
+                            await asyncio.wait_for(dev.released.wait(), 0.5)
+                    busy.clear()
                     continue
-                await self._unload(dev, victim)
+                try:
+                    await self._unload(dev, victim)
+                except AdapterBusy:
+                    busy.add(victim)
             dev.admitted += 1
         t0 = time.perf_counter()
         try:  # several loads copy at once (the engine batches them between two steps)
@@ -277,11 +283,11 @@ class AdapterCache:
             async with dev.released:
                 dev.released.notify_all()
 
-    def victim(self, backend: str) -> str | None:
+    def victim(self, backend: str, skip: set[str] | frozenset[str] = frozenset()) -> str | None:
         """The adapter a load into ``backend`` would evict now: its coldest idle one (the least
         recent among equally cold ones)."""
         dev = self._device(backend)
-        idle = [k for k in dev.order if not dev.leases.get(k) and not dev.pending.get(k)]
+        idle = [k for k in dev.order if not dev.leases.get(k) and not dev.pending.get(k) and k not in skip]
         return min(idle, key=self.heat.of) if idle else None
 
     def in_slots(self, backend: str) -> set[str]:

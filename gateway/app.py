@@ -36,7 +36,7 @@ from .periodic import Periodic
 from .serving.auto import AutoSelector
 from .serving.breaker import Breaker
 from .serving.completions import CompletionService
-from .serving.discovery import PoolDiscovery
+from .serving.discovery import PoolDiscovery, Resolver, resolve_host
 from .serving.fleet import Fleet
 from .serving.names import ModelNames
 from .settings import Settings, SettingsError
@@ -71,7 +71,7 @@ def load_local_adapters(spec: str) -> list[tuple[str, Path]]:
 class Gateway:
     """Holds what the routes need; built from settings, started and stopped by the lifespan."""
 
-    def __init__(self, settings: Settings, backend: Backend | None = None) -> None:
+    def __init__(self, settings: Settings, backend: Backend | None = None, resolver: Resolver = resolve_host) -> None:
         """``backend``: the one backend of pool ``default`` (tests and benchmarks hand one in);
         otherwise the pools of the settings supply them."""
         self.settings = settings
@@ -83,7 +83,7 @@ class Gateway:
         self.fleet = Fleet(policy=settings.dispatch, refresh_s=settings.fleet_refresh_s, queue_limit=settings.max_queue,
                            breaker=lambda: Breaker(settings.breaker_failures, settings.breaker_cooldown_s),
                            health_timeout_s=settings.health_timeout_s)
-        self.discovery = [PoolDiscovery(p, settings, self.fleet, joining=self._joining,
+        self.discovery = [PoolDiscovery(p, settings, self.fleet, joining=self._joining, resolver=resolver,
                                         backends=self._static.get(p.name)) for p in pools]
         self._fleet_checks = Periodic("fleet-health", settings.health_interval_s, self._check_fleet)
         self.store = open_store(settings.resolved_store_url(), settings.store_timeout_s)
@@ -269,11 +269,12 @@ def _oidc(settings: Settings) -> "OidcVerifier | None":
 
 def create_app(settings: Settings, backend: Backend | None = None,
                on_ready: Callable[[Gateway], None] | None = None,
-               on_stopped: Callable[[], None] | None = None) -> Starlette:
+               on_stopped: Callable[[], None] | None = None, resolver: Resolver = resolve_host) -> Starlette:
     """The ASGI app. ``backend`` defaults to the one named in settings; ``on_ready`` runs once
     the model is loaded and the bootstrap is done (the development banner), ``on_stopped``
-    once everything is shut down (the last log records are flushed)."""
-    gateway = Gateway(settings, backend)
+    once everything is shut down (the last log records are flushed); ``resolver`` is what DNS
+    discovery asks (the system's resolver)."""
+    gateway = Gateway(settings, backend, resolver)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

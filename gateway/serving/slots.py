@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from cache import AdapterUnavailable, Decrypted
+from cache import AdapterBusy, AdapterUnavailable, Decrypted
 
 from ..backends import Backend
-from ..backends.errors import BackendError
+from ..backends.errors import AdapterProblem, BackendError
 
 
 class BackendSlots:
@@ -29,13 +29,26 @@ class BackendSlots:
         return dataclasses.replace(adapter, tensors=tensors, nbytes=nbytes)
 
     async def load(self, key: str, adapter: Decrypted) -> None:
+        """Into a slot; an adapter the backend holds already (another gateway replica, or this
+        one before a restart, loaded it: a key names one immutable version) is adopted."""
         try:
             await self.backend.load_adapter(key, adapter.tensors, adapter.lora)
+        except AdapterProblem as exc:
+            if exc.kind != "exists":
+                raise AdapterUnavailable(key, str(exc)) from None
         except BackendError as exc:  # the adapter cannot run on this backend (its rank, say)
             raise AdapterUnavailable(key, str(exc)) from None
 
     async def unload(self, key: str) -> None:
-        await self.backend.unload_adapter(key)
+        """Out of its slot; gone already is fine, in use (by another gateway replica's
+        requests) is ``AdapterBusy``: the cache evicts something else."""
+        try:
+            await self.backend.unload_adapter(key)
+        except AdapterProblem as exc:
+            if exc.kind == "in_use":
+                raise AdapterBusy(key, self.backend.name, 0) from None
+            if exc.kind != "not_found":
+                raise
 
     def resident(self) -> set[str]:
         return set(self.backend.adapters())
