@@ -213,7 +213,10 @@ class Fleet:
                or rank <= m.snapshot.capacity.max_lora_rank]  # type: ignore[union-attr]
         if not fit:
             raise NoBackend(f"no backend holds adapters of rank {rank}")
-        choice = self.policy.choose(Ask(adapter, self.tier(adapter)), [self.view(m) for m in fit], self.costs())
+        if len(fit) == 1:  # nothing to weigh (one backend, the usual single-node case)
+            choice = Choice(fit[0].name, "only_choice")
+        else:
+            choice = self.policy.choose(Ask(adapter, self.tier(adapter)), [self.view(m) for m in fit], self.costs())
         chosen = self.members[choice.backend]
         chosen.own += 1
         chosen.breaker.sent()
@@ -223,14 +226,15 @@ class Fleet:
     async def slot(self, member: Member, adapter: str | None) -> AsyncIterator[None]:
         """Hold one of ``member``'s sequence slots (waiting in its queue first, if need be)."""
         key = adapter or ""
-        member.waiting[key] += 1
-        reserved = (self.cache.reserved(adapter, member.name) if adapter is not None and self.cache is not None
-                    else contextlib.nullcontext())
-        try:
-            with reserved:  # its adapter stays resident there while the request waits
-                await member.queue.acquire()
-        finally:
-            _drop(member.waiting, key)
+        if not member.queue.try_acquire():
+            member.waiting[key] += 1
+            reserved = (self.cache.reserved(adapter, member.name) if adapter is not None and self.cache is not None
+                        else contextlib.nullcontext())
+            try:
+                with reserved:  # its adapter stays resident there while the request waits
+                    await member.queue.acquire()
+            finally:
+                _drop(member.waiting, key)
         member.running[key] += 1
         started = self._clock()
         try:

@@ -41,9 +41,15 @@ class SlotQueue:
         finally:
             self.release()
 
-    async def acquire(self) -> None:
+    def try_acquire(self) -> bool:
+        """Take a slot at once if one is free and nobody waits for it."""
         if self.holders < self.capacity and not self._waiters:
             self.holders += 1
+            return True
+        return False
+
+    async def acquire(self) -> None:
+        if self.try_acquire():
             return
         if len(self._waiters) >= self.limit:
             raise QueueFull(self.limit)
