@@ -5,6 +5,7 @@ rotates the rare ones through the remaining slots), and the gateway's dispatch r
 prefer evicting a cold adapter on one backend over a warm one on another."""
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 
@@ -25,6 +26,10 @@ class Heat:
             return 0.0
         value, at = entry
         return value * 0.5 ** ((self._clock() - at) / self.half_life_s)
+
+    def rate(self, adapter: str) -> float:
+        """Requests per second lately (a decayed count over its mean age, ``half_life_s / ln 2``)."""
+        return self.of(adapter) * math.log(2) / self.half_life_s
 
     def add(self, adapter: str) -> None:
         if len(self._heat) >= self.max_entries and adapter not in self._heat:

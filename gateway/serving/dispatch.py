@@ -14,10 +14,12 @@ each backend and takes the smallest::
             = load_ms(tier) / 2                   it is loading there (half done, on average)
             = load_ms(tier) + slot_wait(b)        otherwise: a load from the tier it is in
     slot_wait(b) = 0 while fewer adapters than b has slots are held by requests there (an idle
-                   resident adapter is evicted if need be), else the wait until one held
-                   adapter's requests are done: service_ms_b * k / (k + 1), k = the fewest
-                   requests holding one of them (a request dispatched for a cold adapter holds
-                   its slot before its load shows in any snapshot)
+                   resident adapter is evicted if need be), else the wait until the first held
+                   adapter is let go: for one held by k requests and asked for r times a
+                   second, service_ms_b * k / (k + 1) * (1 + r * service_s_b) (its last request
+                   ends after k/(k+1) of a service, on average, unless another arrives first: a
+                   hot adapter is hardly ever let go); a request dispatched for a cold adapter
+                   holds its slot before its load shows in any snapshot
     harm(b) = load(b) * running_b / seqs_b        a load stalls the sequences running on b
     evict(b) = 2 * load_ms(cpu) * h / (h + 1)     when the load evicts (no slot is free of
                    resident, loading and held adapters): h is the heat (recent requests,
@@ -75,6 +77,7 @@ class BackendView:
     own: int = 0  # this gateway's dispatches since the snapshot
     service_ms: float = 1000.0  # how long a request holds a sequence slot here
     victim_heat: float = 0.0  # recent requests for the idle adapter a load would evict (fleet-wide)
+    rates: Mapping[str, float] = dataclasses.field(default_factory=dict)  # held adapter -> requests per second
 
     @property
     def held(self) -> frozenset[str]:
@@ -167,8 +170,9 @@ class AffinityPolicy:
         held = b.held
         if len(held) < b.adapter_slots:
             return 0.0
-        k = min(b.holders[a] for a in held)
-        return b.service_ms * k / (k + 1)
+        service_s = b.service_ms / 1000
+        return min(b.service_ms * b.holders[a] / (b.holders[a] + 1) * (1 + b.rates.get(a, 0.0) * service_s)
+                   for a in held)
 
     @staticmethod
     def evict_ms(ask: Ask, b: BackendView, costs: LoadCosts) -> float:

@@ -157,6 +157,7 @@ class Fleet:
             running_adapters=frozenset(a for a, n in m.running.items() if n > 0),
             waiting_adapters=frozenset(a for a, n in m.waiting.items() if n > 0),
             holders=holders, own=m.own, service_ms=m.service_ms,
+            rates={a: self.cache.heat.rate(a) for a in holders if a} if self.cache is not None else {},
             victim_heat=self.cache.heat.of(victim) if victim is not None and self.cache is not None else 0.0)
 
     def costs(self) -> LoadCosts:

@@ -46,6 +46,9 @@ def test_slot_wait_applies_only_when_every_adapter_slot_is_held():
     assert AffinityPolicy.slot_wait_ms(some_held) == 0  # r and s are idle: one is evicted
     all_held = view("a", resident=frozenset("pqrs"), free_adapter_slots=0, holders={"p": 2, "q": 1, "r": 3, "s": 1})
     assert AffinityPolicy.slot_wait_ms(all_held) == 400 * 1 / 2  # q or s frees after ~half a service
+    hot = view("a", resident=frozenset("pqrs"), free_adapter_slots=0, holders={"p": 2, "q": 1, "r": 3, "s": 1},
+               rates={"q": 10.0, "s": 10.0})  # q and s are asked for all the time: p frees first
+    assert AffinityPolicy.slot_wait_ms(hot) == pytest.approx(400 * 2 / 3)
     dispatched_cold = view("a", resident=frozenset("pq"), free_adapter_slots=2, holders={"p": 1, "q": 1, "u": 1,
                                                                                      "v": 1})
     assert AffinityPolicy.slot_wait_ms(dispatched_cold) > 0  # u and v claim the free slots before they load
