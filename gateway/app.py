@@ -80,9 +80,12 @@ class Gateway:
         #: the static pools' backends, made now (started with the gateway); DNS pools find theirs
         self._static = {p.name: [backend] if backend is not None else static_backends(p, settings)
                         for p in pools if p.discovery == "static"}
+        if settings.queue_policy not in ("fair", "fcfs"):
+            raise SettingsError("queue_policy", f"{settings.queue_policy!r} is not fair or fcfs")
         self.fleet = Fleet(policy=settings.dispatch, refresh_s=settings.fleet_refresh_s, queue_limit=settings.max_queue,
                            breaker=lambda: Breaker(settings.breaker_failures, settings.breaker_cooldown_s),
-                           health_timeout_s=settings.health_timeout_s)
+                           health_timeout_s=settings.health_timeout_s, fair=settings.queue_policy == "fair",
+                           output_weight=settings.fair_output_weight)
         self.discovery = [PoolDiscovery(p, settings, self.fleet, joining=self._joining, resolver=resolver,
                                         backends=self._static.get(p.name)) for p in pools]
         self._fleet_checks = Periodic("fleet-health", settings.health_interval_s, self._check_fleet)
@@ -134,6 +137,7 @@ class Gateway:
         self.cache = AdapterCache(source, cpu_budget_bytes=s.cpu_cache_mb << 20, tenant_share=s.tenant_cache_share)
         self.fleet.cache = self.cache
         self.cache.on_load = self._adapter_loaded
+        self.fleet.on_wait, self.fleet.on_service = self.metrics.waited, self.metrics.served
         for discovery in self.discovery:
             await discovery.start()
         base = source.base_model = self._base

@@ -150,6 +150,10 @@ class Settings:
     #: queues and load costs; see serving/dispatch.py) | gie (the Gateway API Inference
     #: Extension's scorers) | round_robin
     dispatch: str = "affinity"
+    #: the order a busy backend's waiting requests are served in: fair (weighted fair sharing
+    #: between tenants, see serving/slotqueue.py) | fcfs (arrival order)
+    queue_policy: str = "fair"
+    fair_output_weight: float = 2.0  # an output token's cost relative to an input token's, for fair sharing
     fleet_refresh_s: float = 0.05  # how often the backends' reported state is read for dispatch
     health_interval_s: float = 2.0  # active health checks of every backend
     health_timeout_s: float = 2.0

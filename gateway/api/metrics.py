@@ -10,6 +10,8 @@ Names the scaler, the alert rules and the dashboards depend on (pinned)::
                                                       gauges {pool, backend}
     tensafe_adapter_loads_total, tensafe_adapter_load_seconds   {pool, backend, tier}
     tensafe_dispatch_total                            {pool, reason}
+    tensafe_tenant_service_tokens_total              {tenant}
+    tensafe_queue_wait_seconds                        histogram {pool, tenant}
 
 ``tenant`` takes the ``top_tenants`` tenants with the most requests and ``other`` for the rest
 (a bounded label set, however many tenants there are). ITL is observed once per request: its
@@ -45,6 +47,10 @@ class TopTenants:
         self.counts: dict[str, int] = {}
         self.labelled: set[str] = set()
 
+    def of(self, tenant: str) -> str:
+        """The label ``tenant`` counts under now (without counting a request)."""
+        return tenant if tenant in self.labelled or not tenant else OTHER
+
     def label(self, tenant: str) -> str:
         count = self.counts[tenant] = self.counts.get(tenant, 0) + 1
         if tenant in self.labelled:
@@ -75,6 +81,11 @@ class Metrics:
                                   ("pool", "reason"), registry=self.registry)
         self.loads = Counter("tensafe_adapter_loads", "Adapter loads into a backend's slots, by the tier they came from",
                              ("pool", "backend", "tier"), registry=self.registry)
+        self.service = Counter("tensafe_tenant_service_tokens", "Service a tenant received on the backends: "
+                               "input tokens plus output tokens times fair_output_weight", ("tenant",),
+                               registry=self.registry)
+        self.queue_wait = Histogram("tensafe_queue_wait_seconds", "How long a request waited for a sequence slot",
+                                    ("pool", "tenant"), buckets=SLO_BUCKETS, registry=self.registry)
         self.load_time = Histogram("tensafe_adapter_load_seconds", "Adapter load time, by the tier it came from",
                                    ("pool", "backend", "tier"), buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.requests = Counter("tensafe_requests", "HTTP requests by route and outcome",
@@ -107,6 +118,12 @@ class Metrics:
         if "prompt_tokens" in record:
             self._child(self.tokens, tenant, "prompt").inc(record["prompt_tokens"])
             self._child(self.tokens, tenant, "completion").inc(record["completion_tokens"])
+
+    def waited(self, pool: str, tenant: str, seconds: float) -> None:
+        self._child(self.queue_wait, pool, self.top.label(tenant) if tenant else "-").observe(seconds)
+
+    def served(self, tenant: str, tokens: float) -> None:
+        self._child(self.service, self.top.of(tenant) or "-").inc(tokens)
 
     def adapter_loaded(self, pool: str, backend: str, tier: str, seconds: float) -> None:
         self._child(self.loads, pool, backend, tier).inc()

@@ -33,7 +33,7 @@ from ..tenancy.auth import Principal
 from ..tenancy.quotas import Quotas
 from ..tenancy.usage import UsageRecorder
 from .auto import AUTO, AutoSelector, classified_text
-from .fleet import Fleet, Member, NoBackend
+from .fleet import Fleet, Held, Member, NoBackend
 from .names import ModelNames, Target
 from .slotqueue import QueueFull
 from .streaming import ChunkTemplate, ClientGone, EventStream, RequestGuard
@@ -129,7 +129,8 @@ class CompletionService:
                 adapter_id=target.adapter_id, cache_salt=principal.tenant or "", **inputs,
             )
             started = time.perf_counter()
-            member, stream, first = await self._dispatch(state, target, breq, guard, resources)
+            member, held, stream, first = await self._dispatch(state, principal, target, breq,
+                                                               prompt_chars // 3 + 1, guard, resources)
         except ClientGone:
             await resources.aclose()
             state.error_code = "client_disconnected"
@@ -145,11 +146,11 @@ class CompletionService:
         chat = isinstance(params, ChatRequest)
         done = functools.partial(self._account, state, principal, target, tally)
         if params.stream:
-            return self._stream(request, member, stream, first, chat, rid, created, target, params.include_usage,
-                                guard, resources, done, headers)
+            return self._stream(request, member, held, stream, first, chat, rid, created, target,
+                                params.include_usage, guard, resources, done, headers)
         last = None
         try:
-            text, last = await guarded(guard, _collect(stream, first))
+            text, last = await guarded(guard, _collect(stream, first, held))
         except ClientGone:
             state.error_code = "client_disconnected"
             return Response(status_code=499)
@@ -187,9 +188,9 @@ class CompletionService:
             admission = await self.quotas.admit(principal.tenant, principal.limits, estimate)
             resources.push_async_callback(lambda: admission.release(tally.tokens))
 
-    async def _dispatch(self, state: Any, target: Target, breq: BackendRequest, guard: RequestGuard,
-                        resources: contextlib.AsyncExitStack) -> tuple[Member, AsyncIterator[BackendChunk],
-                                                                        BackendChunk | None]:
+    async def _dispatch(self, state: Any, principal: Principal, target: Target, breq: BackendRequest,
+                        input_estimate: int, guard: RequestGuard, resources: contextlib.AsyncExitStack
+                        ) -> tuple[Member, Held, AsyncIterator[BackendChunk], BackendChunk | None]:
         """Choose a backend, wait for one of its sequence slots, make the adapter resident there
         and wait for the first chunk. A backend that is down or fails before the first chunk is
         counted against its breaker and the request goes to another one, once."""
@@ -204,7 +205,8 @@ class CompletionService:
             state.dispatch = "failover" if tried else choice.reason
             attempt = contextlib.AsyncExitStack()
             try:
-                await guarded(guard, attempt.enter_async_context(self.fleet.slot(member, target.adapter_id)))
+                held = await guarded(guard, attempt.enter_async_context(self.fleet.slot(
+                    member, target.adapter_id, principal.tenant or "", principal.limits.weight, input_estimate)))
                 if target.tenant_adapter and self.cache is not None:
                     await guarded(guard, attempt.enter_async_context(self._lease(target, member.name)))
                 stream = aiter(member.backend.generate(breq))
@@ -232,7 +234,9 @@ class CompletionService:
                 raise
             member.breaker.success()
             resources.push_async_callback(attempt.aclose)
-            return member, stream, first
+            if first is not None:
+                held.generated(first.completion_tokens)
+            return member, held, stream, first
 
     def _failed(self, member: Member, exc: backend_errors.BackendError) -> errors.ApiError:
         """A backend error after the first token: the backend's breaker hears of an outage."""
@@ -289,7 +293,7 @@ class CompletionService:
             self.usage.add(principal.tenant, target.model, last.prompt_tokens, last.completion_tokens,
                            principal.incarnation)
 
-    async def _events(self, request: Request, member: Member, stream: AsyncIterator[BackendChunk],
+    async def _events(self, request: Request, member: Member, held: Held, stream: AsyncIterator[BackendChunk],
                       first: BackendChunk | None,
                       render: Callable[[BackendChunk, bool], bytes], usage: Callable[[BackendChunk], bytes] | None,
                       done: Callable[[BackendChunk | None], None]) -> AsyncIterator[bytes]:
@@ -306,6 +310,8 @@ class CompletionService:
                 yield event
                 try:
                     chunk = await anext(stream, None)
+                    if chunk is not None:
+                        held.generated(chunk.completion_tokens)
                 except backend_errors.BackendError as exc:
                     error = self._failed(member, exc)
                     request.state.error_code = error.code
@@ -317,7 +323,7 @@ class CompletionService:
         finally:
             done(last)
 
-    def _stream(self, request: Request, member: Member, stream: AsyncIterator[BackendChunk],
+    def _stream(self, request: Request, member: Member, held: Held, stream: AsyncIterator[BackendChunk],
                 first: BackendChunk | None,
                 chat: bool, rid: str, created: int, target: Target, include_usage: bool, guard: RequestGuard,
                 resources: contextlib.AsyncExitStack,
@@ -339,7 +345,7 @@ class CompletionService:
             request.state.error_code = "timeout"
             return wire.sse(errors.Timeout("The request timed out.", code="timeout").body())
 
-        events = self._events(request, member, stream, first, render, usage, done)
+        events = self._events(request, member, held, stream, first, render, usage, done)
         return EventStream(events, guard=guard, on_timeout=timed_out, final=wire.DONE, on_close=resources.aclose,
                            headers={**SSE_HEADERS, **headers})
 
@@ -362,7 +368,8 @@ class _Tally:
     first_at: float = 0.0  # when the first chunk came
 
 
-async def _collect(stream: AsyncIterator[BackendChunk], first: BackendChunk | None) -> tuple[str, BackendChunk]:
+async def _collect(stream: AsyncIterator[BackendChunk], first: BackendChunk | None,
+                   held: Held) -> tuple[str, BackendChunk]:
     if first is None:
         raise errors.ApiError("The backend ended the stream without a result.", code="backend_error")
     parts, last = [first.text], first
@@ -370,6 +377,7 @@ async def _collect(stream: AsyncIterator[BackendChunk], first: BackendChunk | No
         chunk = await anext(stream, None)
         if chunk is None:
             break
+        held.generated(chunk.completion_tokens)
         parts.append(chunk.text)
         last = chunk
     return "".join(parts), last

@@ -77,9 +77,30 @@ class Member:
         self.service_ms += 0.2 * (seconds * 1000 - self.service_ms)
 
 
+class Held:
+    """One request's sequence slot: it charges the tenant's service to the backend's queue."""
+
+    __slots__ = ("queue", "tenant", "weight", "generated_tokens", "on_service")
+
+    def __init__(self, queue: SlotQueue, tenant: str, weight: float,
+                 on_service: Callable[[str, float], None] | None) -> None:
+        self.queue, self.tenant, self.weight, self.on_service = queue, tenant, weight, on_service
+        self.generated_tokens = 0
+
+    def generated(self, completion_tokens: int) -> None:
+        """The request has generated ``completion_tokens`` so far (cumulative)."""
+        delta = completion_tokens - self.generated_tokens
+        if delta > 0:
+            self.generated_tokens = completion_tokens
+            self.queue.charge(self.tenant, self.weight, output_tokens=delta)
+            if self.on_service is not None:
+                self.on_service(self.tenant, self.queue.output_weight * delta)
+
+
 class Fleet:
     def __init__(self, cache: AdapterCache | None = None, *, policy: str = "affinity", refresh_s: float = 0.05,
                  queue_limit: int = 256, breaker: Callable[[], Breaker] = Breaker, health_timeout_s: float = 2.0,
+                 fair: bool = True, output_weight: float = 2.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if policy not in POLICIES:
             raise ValueError(f"dispatch {policy!r} is not one of {', '.join(POLICIES)}")
@@ -92,13 +113,20 @@ class Fleet:
         self._clock = clock
         self._refreshed = float("-inf")
         self.members: dict[str, Member] = {}
+        self.fair = fair
+        self.output_weight = output_weight
+        #: told how long each request waited for its slot (pool, tenant, seconds) and of each
+        #: tenant's service (tenant, weighted tokens); the metrics listen
+        self.on_wait: Callable[[str, str, float], None] | None = None
+        self.on_service: Callable[[str, float], None] | None = None
 
     def add(self, pool: str, backend: Backend) -> Member:
         """A started backend joins ``pool`` (names are unique across pools)."""
         if backend.name in self.members:
             raise ValueError(f"a backend named {backend.name!r} is already in the fleet")
         slots = max(1, backend.capacity().max_sequence_slots)
-        member = Member(pool, backend, SlotQueue(slots, self.queue_limit), self._breaker())
+        queue = SlotQueue(slots, self.queue_limit, fair=self.fair, output_weight=self.output_weight)
+        member = Member(pool, backend, queue, self._breaker())
         if self.cache is not None:
             self.cache.add_backend(backend.name, BackendSlots(backend))
         self.members[backend.name] = member
@@ -224,22 +252,32 @@ class Fleet:
         return chosen, choice
 
     @contextlib.asynccontextmanager
-    async def slot(self, member: Member, adapter: str | None) -> AsyncIterator[None]:
-        """Hold one of ``member``'s sequence slots (waiting in its queue first, if need be)."""
+    async def slot(self, member: Member, adapter: str | None, tenant: str = "", weight: float = 1.0,
+                   input_tokens: int = 0) -> AsyncIterator[Held]:
+        """Hold one of ``member``'s sequence slots (waiting in its queue first, if need be), the
+        tenant charged ``input_tokens`` on taking it and its output as it is generated."""
         key = adapter or ""
         if not member.queue.try_acquire():
             member.waiting[key] += 1
             reserved = (self.cache.reserved(adapter, member.name) if adapter is not None and self.cache is not None
                         else contextlib.nullcontext())
+            queued = self._clock()
             try:
                 with reserved:  # its adapter stays resident there while the request waits
-                    await member.queue.acquire()
+                    await member.queue.acquire(tenant, weight)
             finally:
                 _drop(member.waiting, key)
+            if self.on_wait is not None:
+                self.on_wait(member.pool, tenant, self._clock() - queued)
+        elif self.on_wait is not None:
+            self.on_wait(member.pool, tenant, 0.0)
+        member.queue.charge(tenant, weight, input_tokens=input_tokens)
+        if self.on_service is not None and input_tokens:
+            self.on_service(tenant, float(input_tokens))
         member.running[key] += 1
         started = self._clock()
         try:
-            yield
+            yield Held(member.queue, tenant, weight, self.on_service)
         finally:
             _drop(member.running, key)
             member.queue.release()

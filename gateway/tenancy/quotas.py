@@ -45,6 +45,7 @@ log = logging.getLogger("tensafe.gateway")
 
 #: the largest quota: buckets are floats (here and in Redis's Lua), exact up to 2**53
 MAX_QUOTA = 2**53
+MIN_WEIGHT, MAX_WEIGHT = 0.01, 1000.0
 _EPSILON = 1e-9  # float slack, so that refilling in steps reaches whole numbers
 _BUCKET_IDLE_MS = 61_000  # a bucket left alone for a minute is full again, as if absent
 
@@ -59,10 +60,18 @@ class QuotaLimits:
     max_tokens: int | None = None  # cap on one request's max_tokens
     max_adapters: int | None = None
     max_upload_bytes: int | None = None
+    #: the tenant's share of a busy backend relative to others (fair queueing); not a limit
+    weight: float = 1.0
 
     def __post_init__(self) -> None:
+        w = self.weight
+        if isinstance(w, bool) or not isinstance(w, int | float) or not MIN_WEIGHT <= w <= MAX_WEIGHT:
+            raise ValueError(f"quota weight must be a number from {MIN_WEIGHT:g} to {MAX_WEIGHT:g}, not {w!r}"[:160])
+        object.__setattr__(self, "weight", float(w))
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
+            if field.name == "weight":
+                continue
             if value is not None and (type(value) is not int or not 0 <= value <= MAX_QUOTA):
                 shown = repr(value) if len(repr(value)) <= 24 else repr(value)[:12] + "..."
                 raise ValueError(f"quota {field.name} must be an integer from 0 to {MAX_QUOTA} or null, not {shown}")
@@ -75,9 +84,11 @@ class QuotaLimits:
         """Limits read back from the registry, never refused: a record written before a check
         existed must not fail every request of its tenant. A number above MAX_QUOTA counts as
         MAX_QUOTA; anything else out of place (an unknown name, a wrong type) is ignored."""
-        names = {field.name for field in dataclasses.fields(cls)}
-        return cls(**{k: min(v, MAX_QUOTA) for k, v in d.items()
-                      if k in names and type(v) is int and v >= 0})
+        names = {field.name for field in dataclasses.fields(cls)} - {"weight"}
+        weight = d.get("weight", 1.0)
+        fits = not isinstance(weight, bool) and isinstance(weight, int | float) and MIN_WEIGHT <= weight <= MAX_WEIGHT
+        return cls(**{k: min(v, MAX_QUOTA) for k, v in d.items() if k in names and type(v) is int and v >= 0},
+                   weight=weight if fits else 1.0)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QuotaLimits:

@@ -145,6 +145,25 @@ async def test_two_replicas_sharing_redis_agree_share_quotas_and_one_drain(tmp_p
         assert app2.state.gateway.fleet.members[other.name].drained
 
 
+async def test_fair_sharing_over_a_worker(tmp_path, workers):
+    port, _ = workers
+    async with gateway(tmp_path, port, Names({HOSTS[1]})) as (app, client):
+        w = World(client, app, tmp_path)
+        await w.setup_tenant("gold", quotas={"weight": 2})
+        await w.setup_tenant("bronze")
+        finished: list[str] = []
+
+        async def one(tenant: str) -> None:
+            r = await client.post("/v1/completions", json={"model": BASE, "prompt": "1, 2, 3,", "max_tokens": 6,
+                                                           "temperature": 0}, headers=w.h(tenant))
+            assert r.status_code == 200
+            finished.append(tenant)
+
+        await asyncio.gather(*(one(t) for t in ["gold"] * 18 + ["bronze"] * 18))
+        first = finished[:18]  # both backlogged throughout (two sequence slots)
+        assert 1.5 <= first.count("gold") / first.count("bronze") <= 3.0
+
+
 def test_a_killed_worker_is_routed_around_and_ends_a_stream_in_flight_with_an_error(tmp_path, workers):
     """On a real uvicorn (the in-process transport would buffer the whole stream)."""
     port, procs = workers

@@ -45,7 +45,15 @@ class TestQuotaLimits:
 
     def test_empty_dict_is_unlimited(self):
         assert QuotaLimits.from_dict({}) == QuotaLimits()
-        assert set(QuotaLimits().to_dict().values()) == {None}
+        limits = QuotaLimits().to_dict()
+        assert limits.pop("weight") == 1.0 and set(limits.values()) == {None}  # the weight is a share, not a limit
+
+    @pytest.mark.parametrize("weight", [0, -1, 1001, "2", True, float("nan")])
+    def test_weight_is_a_positive_number_within_bounds(self, weight):
+        with pytest.raises(ValueError, match="weight"):
+            QuotaLimits.from_dict({"weight": weight})
+        assert QuotaLimits.from_dict({"weight": 2}).weight == 2.0
+        assert QuotaLimits.stored({"weight": weight}).weight == 1.0  # a stored oddity never fails a request
 
     def test_unknown_key_is_named(self):
         with pytest.raises(ValueError, match="'requests_per_hour'"):
