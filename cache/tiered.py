@@ -61,6 +61,9 @@ class _Device:
     pending: dict[str, int] = dataclasses.field(default_factory=dict)
     loading: dict[str, asyncio.Task] = dataclasses.field(default_factory=dict)
     doomed: set[str] = dataclasses.field(default_factory=set)  # unload when the last lease ends
+    #: held adapters a waiting load needs the slot of: no new lease until it is evicted (key ->
+    #: loads waiting on it), so a stream of requests for resident adapters cannot starve others
+    draining: dict[str, int] = dataclasses.field(default_factory=dict)
     capacity: int = 0  # slots in all
     admitted: int = 0  # loads given a slot and still copying (outside ``room``)
     room: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
@@ -215,18 +218,26 @@ class AdapterCache:
             if key in dev.order:
                 return
             busy: set[str] = set()  # idle here, but serving another gateway replica's requests
-            while self._full(dev):
-                victim = self.victim(dev.name, skip=busy)
-                if victim is None:  # every slot serves a request or is loading: wait for one
+            drain: str | None = None
+            try:
+                while self._full(dev):
+                    victim = self.victim(dev.name, skip=busy)
+                    if victim is None:  # every slot serves a request or is loading: wait for one
+                        if drain is None:  # and make sure one is let go
+                            drain = self._drain(dev, key)
+                        async with dev.released:
+                            with contextlib.suppress(TimeoutError):  # a slot freed elsewhere tells nobody here
+                                await asyncio.wait_for(dev.released.wait(), 0.5)
+                        busy.clear()
+                        continue
+                    try:
+                        await self._unload(dev, victim)
+                    except AdapterBusy:
+                        busy.add(victim)
+            finally:
+                if drain is not None and not _decrement(dev.draining, drain):
                     async with dev.released:
-                        with contextlib.suppress(TimeoutError):  # a slot freed elsewhere tells nobody here
-                            await asyncio.wait_for(dev.released.wait(), 0.5)
-                    busy.clear()
-                    continue
-                try:
-                    await self._unload(dev, victim)
-                except AdapterBusy:
-                    busy.add(victim)
+                        dev.released.notify_all()
             dev.admitted += 1
         t0 = time.perf_counter()
         try:  # several loads copy at once (the engine batches them between two steps)
@@ -241,6 +252,16 @@ class AdapterCache:
         self.counters.load_latency.observe(copied_s)  # the copy alone, not the wait for a slot
         if self.on_load is not None:
             self.on_load(dev.name, tier, fetched_s + copied_s)
+
+    @staticmethod
+    def _drain(dev: _Device, loading: str) -> str | None:
+        """The held adapter that frees its slot soonest (the fewest leases), marked draining."""
+        held = [k for k in dev.order if k != loading and k not in dev.draining and dev.leases.get(k)]
+        if not held:
+            return None
+        key = min(held, key=lambda k: dev.leases[k])
+        dev.draining[key] = dev.draining.get(key, 0) + 1
+        return key
 
     @staticmethod
     def _full(dev: _Device) -> bool:
@@ -265,6 +286,10 @@ class AdapterCache:
             while True:
                 if key in dev.doomed:
                     raise UnknownAdapter(key)
+                while key in dev.draining:  # a waiting load needs its slot: let it go first
+                    async with dev.released:
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(dev.released.wait(), 0.5)
                 await self.load(key, backend)
                 if key in dev.order:  # still resident once this task resumed
                     break
@@ -287,7 +312,8 @@ class AdapterCache:
         """The adapter a load into ``backend`` would evict now: its coldest idle one (the least
         recent among equally cold ones)."""
         dev = self._device(backend)
-        idle = [k for k in dev.order if not dev.leases.get(k) and not dev.pending.get(k) and k not in skip]
+        idle = [k for k in dev.order if not dev.leases.get(k) and k not in skip
+                and (not dev.pending.get(k) or k in dev.draining)]
         return min(idle, key=self.heat.of) if idle else None
 
     def in_slots(self, backend: str) -> set[str]:

@@ -45,7 +45,7 @@ class MemorySource:
     backends need none), owned by one of the tenants."""
 
     async def open(self, key: str) -> Decrypted:
-        if not key.startswith("t"):
+        if "/" not in key:
             raise UnknownAdapter(key)
         return Decrypted(key=key, tenant=key.split("/")[0], lora=LORA, tensors={}, nbytes=1 << 20)
 
@@ -91,7 +91,7 @@ async def run_policy(policy: str, plan: list[tuple[float, str]], seed: int) -> d
         await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
         arrived = time.perf_counter()
         member, _ = fleet.choose(adapter, LORA.rank)
-        async with fleet.slot(member, adapter), cache.lease(adapter, member.name):
+        async with fleet.slot(member, adapter, adapter.split("/")[0]), cache.lease(adapter, member.name):
             req = BackendRequest(request_id=f"r{i}", sampling=Sampling(max_tokens=NEW_TOKENS, ignore_eos=True),
                                  prompt=prompt, adapter_id=adapter)
             first = True

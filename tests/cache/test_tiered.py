@@ -286,3 +286,38 @@ async def test_adapters_resident_before_the_cache_keep_their_slots(source, slots
         async with cache.lease(key, "embedded"):
             assert slots.resident() == {"local:pinned", key}
     assert "local:pinned" not in cache.stats()["tenants"] and cache.counters.offloads == 3
+
+
+async def test_a_load_waiting_for_a_slot_is_not_starved_by_a_stream_of_leases(source) -> None:
+    """Two adapters kept busy by overlapping requests never leave their slots on their own; a
+    request for a third gets one of them let go (no new lease until it is evicted)."""
+    null = BackendSlots(NullBackend(max_loras=2, max_lora_rank=8))
+    await null.backend.start()
+    cache = AdapterCache(source, cpu_budget_bytes=16 * ADAPTER_BYTES)
+    cache.add_backend("null", null)
+    stop = asyncio.Event()
+
+    async def keep_busy(key: str) -> None:
+        async def one() -> None:
+            async with cache.lease(key, "null"):
+                await asyncio.sleep(0.02)
+
+        running: set[asyncio.Task] = set()
+        while not stop.is_set():  # a new request starts before the last one ends
+            task = asyncio.create_task(one())
+            running.add(task)
+            task.add_done_callback(running.discard)
+            await asyncio.sleep(0.01)
+        await asyncio.gather(*running)
+
+    busy = [asyncio.create_task(keep_busy(k)) for k in ("a/ad0", "a/ad1")]
+    while len(null.resident()) < 2:
+        await asyncio.sleep(0.01)
+    try:
+        async with asyncio.timeout(10):
+            async with cache.lease("a/ad2", "null"):
+                assert "a/ad2" in null.resident()
+    finally:
+        stop.set()
+        await asyncio.gather(*busy)
+    assert cache.status("a/ad0").backends or cache.status("a/ad1").backends  # the other one kept serving
