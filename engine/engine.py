@@ -44,7 +44,7 @@ from .scheduler import Scheduler
 from .sequence import Sequence
 from .stops import StopMatcher
 from .tokenizer import Tokenizer
-from .types import AdapterConfig, Capacity, GenerationChunk, GenerationRequest, ModelInfo
+from .types import AdapterConfig, Capacity, ChatMessage, GenerationChunk, GenerationRequest, ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +160,25 @@ class Engine:
     def count_tokens(self, request: GenerationRequest) -> int:
         return len(self.tokenizer.encode(request))
 
+    def tokenize(self, *, prompt: str | None = None, messages: list[ChatMessage] | None = None,
+                 add_special_tokens: bool = False, add_generation_prompt: bool = True) -> list[int]:
+        """The token ids of ``prompt``, or of ``messages`` rendered with the chat template."""
+        return self.tokenizer.tokenize(prompt=prompt, messages=messages, add_special_tokens=add_special_tokens,
+                                       add_generation_prompt=add_generation_prompt)
+
+    def token_strings(self, ids: list[int]) -> list[str]:
+        self._check_ids(ids, "tokens")
+        return self.tokenizer.token_strings(ids)
+
+    def detokenize(self, ids: list[int]) -> str:
+        """The text of ``ids``, special tokens included (the inverse of ``tokenize``)."""
+        self._check_ids(ids, "tokens")
+        return self.tokenizer.backend.decode(list(ids), skip_special_tokens=False)
+
+    def _check_ids(self, ids: list[int], param: str) -> None:
+        if any(t < 0 or t >= self.dims.vocab_size for t in ids):
+            raise InvalidRequest("a token id is out of the vocabulary", param=param)
+
     def capacity(self) -> Capacity:
         with self._lock:
             inflight, running = len(self._inflight), self._running
@@ -235,10 +254,15 @@ class Engine:
         self._inbox.put(("abort", request_id))
         self._wake.set()
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    async def generate(self, request: GenerationRequest, *, announce: bool = False
+                       ) -> AsyncIterator[GenerationChunk]:
+        """Stream the completion. With ``announce``, the first chunk comes as soon as the request
+        is accepted (validated, its prompt counted, queued): no text, ``completion_tokens`` 0."""
         seq = self._submit(request, asyncio.get_running_loop())
         finished = False
         try:
+            if announce:
+                yield GenerationChunk(request.request_id, "", (), seq.prompt_len, 0)
             while True:
                 item = await seq.queue.get()
                 if isinstance(item, BaseException):
@@ -261,8 +285,18 @@ class Engine:
             raise InvalidRequest(f"max_tokens must be >= 1, got {p.max_tokens}", param="max_tokens")
         if not (0.0 < p.top_p <= 1.0):
             raise InvalidRequest(f"top_p must be in (0, 1], got {p.top_p}", param="top_p")
-        if p.temperature < 0 or p.top_k < 0:
-            raise InvalidRequest("temperature and top_k must be >= 0", param="temperature")
+        if p.temperature < 0:
+            raise InvalidRequest(f"temperature must be >= 0, got {p.temperature}", param="temperature")
+        if p.top_k < 0:
+            raise InvalidRequest(f"top_k must be >= 0 (0: off), got {p.top_k}", param="top_k")
+        if not 0 <= p.min_tokens <= p.max_tokens:
+            raise InvalidRequest(f"min_tokens must be in [0, max_tokens {p.max_tokens}], got {p.min_tokens}",
+                                 param="min_tokens")
+        if not (0.0 < p.repetition_penalty < float("inf")):
+            raise InvalidRequest(f"repetition_penalty must be > 0, got {p.repetition_penalty}",
+                                 param="repetition_penalty")
+        if any(t < 0 or t >= self.dims.vocab_size for t in p.stop_token_ids):
+            raise InvalidRequest("stop_token_ids holds a token id out of the vocabulary", param="stop_token_ids")
         prompt_ids = self.tokenizer.encode(request)
         if not prompt_ids:
             raise InvalidRequest("the prompt is empty", param="prompt")

@@ -1,5 +1,8 @@
 """Next-token choice per row: greedy rows share one batched max; sampled rows apply their own
-temperature, top-k and top-p and draw from their own generator (seeded requests repeat)."""
+temperature, top-k and top-p and draw from their own generator (seeded requests repeat).
+Before that, rows that ask for it have their logits adjusted in place: a repetition penalty
+(HF/vLLM semantics: a seen token's positive logit divided by the penalty, a negative one
+multiplied) and tokens forbidden for now (end-of-sequence before ``min_tokens``)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -37,3 +40,18 @@ def _draw(row: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> 
         x = x.scatter(0, order, sorted_x.masked_fill(drop, float("-inf")))
     probs = torch.softmax(x, dim=-1)
     return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def needs_adjusting(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or p.min_tokens > 0
+
+
+def penalize(row: torch.Tensor, seen: torch.Tensor, penalty: float) -> None:
+    """``row``: one row of logits, changed in place; ``seen``: a boolean vocabulary mask."""
+    penalized = torch.where(row > 0, row / penalty, row * penalty)
+    row.copy_(torch.where(seen, penalized, row))
+
+
+def forbid(row: torch.Tensor, token_ids: Sequence[int]) -> None:
+    if token_ids:
+        row[list(token_ids)] = float("-inf")

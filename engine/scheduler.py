@@ -17,7 +17,7 @@ from .kv_cache import KVCache
 from .lora import LoraSlots
 from .model.llama import LlamaModel
 from .prefix_cache import PrefixCache
-from .sampling import sample
+from .sampling import forbid, needs_adjusting, penalize, sample
 from .sequence import Phase, Sequence
 from .tokenizer import Tokenizer
 from .types import FinishReason, GenerationChunk
@@ -83,6 +83,16 @@ class Scheduler:
         slot = seq.adapter_slot
         version = self.lora.version(slot) if slot >= 0 else 0
         return f"{slot}:{version}:{seq.request.cache_salt}"
+
+    def _adjust(self, seq: Sequence, row: torch.Tensor) -> None:
+        p = seq.request.sampling
+        if p.repetition_penalty != 1.0:
+            if seq.seen is None:
+                seq.seen = torch.zeros(row.shape[-1], dtype=torch.bool, device=row.device)
+                seq.seen[torch.tensor(seq.prompt_ids + seq.output_ids, device=row.device)] = True
+            penalize(row, seq.seen, p.repetition_penalty)
+        if len(seq.output_ids) < p.min_tokens:
+            forbid(row, [*p.stop_token_ids, *(() if p.ignore_eos else self.tokenizer.eos_ids)])
 
     def _finish(self, seq: Sequence, reason: FinishReason, emit: Emit, text: str = "", token: int | None = None) -> None:
         if seq.phase is Phase.DONE:
@@ -184,16 +194,22 @@ class Scheduler:
         self._accept(rows, logits, emit)
 
     def _accept(self, seqs: list[Sequence], logits: torch.Tensor, emit: Emit) -> None:
+        for i, seq in enumerate(seqs):
+            if needs_adjusting(seq.request.sampling):
+                self._adjust(seq, logits[i])
         tokens = sample(logits, [s.request.sampling for s in seqs], [s.generator for s in seqs])
         eos = self.tokenizer.eos_ids
         for seq, tok in zip(seqs, tokens):
             seq.output_ids.append(tok)
             params = seq.request.sampling
-            if tok in eos and not params.ignore_eos:
+            if seq.seen is not None:
+                seq.seen[tok] = True
+            ending = len(seq.output_ids) > params.min_tokens  # may it stop here?
+            if ending and ((tok in eos and not params.ignore_eos) or tok in params.stop_token_ids):
                 self._finish(seq, FinishReason.STOP, emit, text=seq.stops.flush(), token=tok)
                 continue
             piece = seq.detok.step(self.tokenizer.backend, tok) or ""
-            text, hit = seq.stops.feed(piece)
+            text, hit = seq.stops.feed(piece, ending)
             if hit:
                 self._finish(seq, FinishReason.STOP, emit, text=text, token=tok)
             elif len(seq.output_ids) >= params.max_tokens:

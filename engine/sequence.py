@@ -33,6 +33,8 @@ class Sequence:
     slot: int = -1
     computed: int = 0  # tokens whose keys/values are in the cache
     output_ids: list[int] = dataclasses.field(default_factory=list)
+    #: the tokens of the prompt and the output so far, as a vocabulary mask (repetition penalty)
+    seen: torch.Tensor | None = None
 
     @property
     def request_id(self) -> str:

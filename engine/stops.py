@@ -11,11 +11,15 @@ class StopMatcher:
         self.hold = max((len(s) for s in self.stops), default=1) - 1
         self._pending = ""
 
-    def feed(self, text: str) -> tuple[str, bool]:
+    def feed(self, text: str, active: bool = True) -> tuple[str, bool]:
         """Add generated text; return (text safe to emit now, whether a stop string was hit).
-        On a hit, the emitted text ends right before the stop string."""
+        On a hit, the emitted text ends right before the stop string. While not ``active``
+        (before a request's ``min_tokens``), stop strings are not looked for."""
         if not self.stops:
             return text, False
+        if not active:
+            out, self._pending = self._pending + text, ""
+            return out, False
         buf = self._pending + text
         cut = min((i for i in (buf.find(s) for s in self.stops) if i >= 0), default=-1)
         if cut >= 0:

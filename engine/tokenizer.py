@@ -15,7 +15,7 @@ from tokenizers import Tokenizer as FastTokenizer
 from tokenizers.decoders import DecodeStream
 
 from .errors import InvalidRequest, ModelLoadError
-from .types import GenerationRequest
+from .types import ChatMessage, GenerationRequest
 
 
 def _token_text(value) -> str | None:
@@ -74,16 +74,29 @@ class Tokenizer:
     def has_chat_template(self) -> bool:
         return bool(self.chat_template)
 
-    def render(self, messages: Sequence[dict]) -> str:
+    def render(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
         from transformers.utils.chat_template_utils import render_jinja_template
 
         if not self.chat_template:
             raise InvalidRequest("this model has no chat template; send a prompt instead", param="messages")
         rendered, _ = render_jinja_template(
-            conversations=[list(messages)], chat_template=self.chat_template, add_generation_prompt=True,
-            **self.special,
+            conversations=[list(messages)], chat_template=self.chat_template,
+            add_generation_prompt=add_generation_prompt, **self.special,
         )
         return rendered[0]
+
+    def tokenize(self, *, prompt: str | None = None, messages: Sequence[ChatMessage] | None = None,
+                 add_special_tokens: bool = False, add_generation_prompt: bool = True) -> list[int]:
+        if messages is not None:
+            text = self.render([{"role": m.role, "content": m.content} for m in messages], add_generation_prompt)
+        elif prompt is not None:
+            text = prompt
+        else:
+            raise InvalidRequest("tokenize needs a prompt or messages", param="prompt")
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def token_strings(self, ids: Sequence[int]) -> list[str]:
+        return [self.backend.id_to_token(int(t)) or "" for t in ids]
 
     def encode(self, request: GenerationRequest) -> list[int]:
         if request.prompt_token_ids is not None:

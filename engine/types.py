@@ -25,6 +25,9 @@ class SamplingParams:
     seed: int | None = None  # same seed, same prompt, same adapter -> same output
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # keep generating past end-of-sequence (benchmarks)
+    min_tokens: int = 0  # no end-of-sequence, stop token or stop string before this many tokens
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or the output
+    stop_token_ids: tuple[int, ...] = ()  # these tokens end the completion too (not in its text)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

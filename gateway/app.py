@@ -39,6 +39,7 @@ from .serving.completions import CompletionService
 from .serving.discovery import PoolDiscovery, Resolver, resolve_host
 from .serving.fleet import Fleet
 from .serving.names import ModelNames
+from .serving.tokenizing import TokenizerService
 from .settings import Settings, SettingsError
 from .store import StoreUnavailable, open_store
 from .store.health import StoreHealth
@@ -146,7 +147,8 @@ class Gateway:
         self.completions = CompletionService(self.fleet, self.names, max_body_bytes=s.max_body_bytes,
                                              request_timeout_s=s.request_timeout_s, retry_after_s=s.retry_after_s,
                                              cache=self.cache, quotas=self.quotas, usage=self.usage, auto=self.auto)
-        self.openai = OpenAiApi(self.callers, self.names, self.completions)
+        self.openai = OpenAiApi(self.callers, self.names, self.completions, TokenizerService(
+            self.fleet, self.names, max_body_bytes=s.max_body_bytes, retry_after_s=s.retry_after_s))
         self.tenant_api = TenantApi(self.tenancy, self.callers, self.usage, self.auto,
                                     max_upload_bytes=s.max_upload_bytes, max_body_bytes=s.max_body_bytes)
         self.admin_api = AdminApi(self.tenancy, self.callers, self.usage, self.cache,

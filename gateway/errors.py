@@ -12,6 +12,7 @@ Hierarchy (each with its HTTP status and OpenAI ``type``)::
     ├── MethodNotAllowed           405 invalid_request_error
     ├── Conflict                   409 invalid_request_error
     ├── RateLimited                429 rate_limit_exceeded (+ Retry-After)
+    ├── Unimplemented              501 server_error, code not_implemented
     ├── Overloaded                 503 server_error (+ Retry-After)
     └── Timeout                    504 server_error
 
@@ -93,6 +94,12 @@ class RateLimited(ApiError):
     status = 429
     type = "rate_limit_exceeded"
     code = "rate_limit_exceeded"
+
+
+class Unimplemented(ApiError):
+    status = 501
+    type = "server_error"
+    code = "not_implemented"
 
 
 class Overloaded(ApiError):

@@ -117,7 +117,7 @@ class Metrics:
                     self._child(self.fleet_itl, *labels).observe(record["itl_ms"] / 1000)
         if "prompt_tokens" in record:
             self._child(self.tokens, tenant, "prompt").inc(record["prompt_tokens"])
-            self._child(self.tokens, tenant, "completion").inc(record["completion_tokens"])
+            self._child(self.tokens, tenant, "completion").inc(record.get("completion_tokens", 0))
 
     def waited(self, pool: str, tenant: str, seconds: float) -> None:
         self._child(self.queue_wait, pool, self.top.label(tenant) if tenant else "-").observe(seconds)

@@ -74,8 +74,11 @@ class GatewayMiddleware:
                 await send({"type": "http.response.body", "body": body})
                 status = 500
         finally:
+            # a handler's "status" is how a response that began as a 200 stream really ended
+            # (499: the client left; an error event's status)
             record = {"request_id": request_id, "method": scope["method"], "path": scope["path"],
-                      "status": status or 499, "latency_ms": round((time.perf_counter() - start) * 1000, 3)}
+                      "status": state.get("status") or status or 499,
+                      "latency_ms": round((time.perf_counter() - start) * 1000, 3)}
             for key in LOGGED_STATE:
                 if state.get(key) is not None:
                     record[key] = state[key]

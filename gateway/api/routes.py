@@ -26,6 +26,8 @@ ROUTES: tuple[tuple[str, str, str, str], ...] = (
     ("/metrics", "GET", "operations", "metrics_text"),
     ("/v1/models", "GET", "openai", "list_models"),
     ("/v1/models/{model:path}", "GET", "openai", "get_model"),
+    ("/tokenize", "POST", "openai", "tokenize"),
+    ("/detokenize", "POST", "openai", "detokenize"),
     ("/v1/adapters", "POST", "tenant_api", "upload"),
     ("/v1/adapters", "GET", "tenant_api", "list_adapters"),
     ("/v1/adapters/{name}", "GET", "tenant_api", "get_adapter"),

@@ -33,6 +33,7 @@ def _null(pool: PoolSettings, settings: Settings, index: int) -> Backend:
         tokens=o.get("tokens", settings.null_tokens), token_delay_s=o.get("token_delay_s", settings.null_token_delay_s),
         token_delay_per_seq_s=o.get("token_delay_per_seq_s", settings.null_token_delay_per_seq_s),
         load_delay_s=o.get("load_delay_s", settings.null_load_delay_s),
+        first_token_delay_s=o.get("first_token_delay_s", 0.0), extensions=o.get("extensions"),
         max_num_seqs=o.get("max_num_seqs", settings.max_num_seqs), max_queue=o.get("max_queue", settings.max_queue),
         max_model_len=o.get("max_model_len", settings.max_model_len), max_loras=o.get("max_loras", settings.max_loras),
         max_lora_rank=o.get("max_lora_rank", settings.max_lora_rank))

@@ -23,6 +23,11 @@ class Message:
     content: str
 
 
+#: Sampling parameters beyond OpenAI's (vLLM's names and meanings). A backend lists those it
+#: honours in ``Backend.extensions``; a request that uses one goes only to backends that do.
+EXTENSIONS = frozenset({"ignore_eos", "min_tokens", "top_k", "repetition_penalty", "stop_token_ids"})
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Sampling:
     max_tokens: int | None = None  # None = until end of sequence or the context is full
@@ -30,7 +35,26 @@ class Sampling:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
-    ignore_eos: bool = False
+    ignore_eos: bool = False  # keep generating past end-of-sequence
+    min_tokens: int = 0  # no end-of-sequence, stop token or stop string before this many tokens
+    top_k: int = 0  # 0: off
+    repetition_penalty: float = 1.0  # 1: off
+    stop_token_ids: tuple[int, ...] = ()
+
+    def extensions(self) -> frozenset[str]:
+        """The extensions this request uses (those away from their neutral value)."""
+        used = set()
+        if self.ignore_eos:
+            used.add("ignore_eos")
+        if self.min_tokens:
+            used.add("min_tokens")
+        if self.top_k:
+            used.add("top_k")
+        if self.repetition_penalty != 1.0:
+            used.add("repetition_penalty")
+        if self.stop_token_ids:
+            used.add("stop_token_ids")
+        return frozenset(used)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -74,9 +98,17 @@ class Health:
     detail: str = ""
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Tokens:
+    ids: list[int]
+    strings: list[str] | None = None  # the tokens' own strings, when asked for
+
+
 @runtime_checkable
 class Backend(Protocol):
     name: str
+    #: the members of ``EXTENSIONS`` this backend honours
+    extensions: frozenset[str]
 
     async def start(self) -> None:
         """Load the model / connect; the gateway reports ready once this returns."""
@@ -86,7 +118,18 @@ class Backend(Protocol):
 
     def generate(self, request: BackendRequest) -> AsyncIterator[BackendChunk]:
         """Stream the completion. Errors from :mod:`gateway.backends.errors` are raised by the
-        first ``__anext__`` when the request is refused. Closing the iterator early aborts it."""
+        first ``__anext__`` when the request is refused. The first chunk may be an *acceptance*
+        (no text, ``completion_tokens`` 0, no finish reason), sent once the backend has accepted
+        the request, before its first token. Closing the iterator early aborts it."""
+
+    async def tokenize(self, *, prompt: str | None = None, messages: Sequence[Message] | None = None,
+                       add_special_tokens: bool = False, add_generation_prompt: bool = True,
+                       with_strings: bool = False) -> Tokens:
+        """The base model's token ids for ``prompt`` (or ``messages`` under its chat template).
+        BadRequest for bad input; Unsupported when this backend cannot tokenize."""
+
+    async def detokenize(self, ids: Sequence[int]) -> str:
+        """The text of ``ids``, special tokens included."""
 
     def abort(self, request_id: str) -> None: ...
 

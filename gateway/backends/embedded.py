@@ -4,14 +4,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import engine as eng
 from adapters.lora import LoraConfig
 
 from ..settings import Settings
-from .base import BackendChunk, BackendRequest, Capacity, Health
+from .base import EXTENSIONS, BackendChunk, BackendRequest, Capacity, Health, Message, Tokens
 from .errors import AdapterProblem, BackendOverloaded, BackendUnavailable, BadRequest, ContextTooLong
 
 _ADAPTER_KINDS: dict[type, str] = {
@@ -56,6 +56,7 @@ class EmbeddedBackend:
 
     def __init__(self, config: eng.EngineConfig, name: str = "embedded", *, engine: eng.Engine | None = None) -> None:
         self.name = name
+        self.extensions = EXTENSIONS
         self.config = config
         self.engine = engine
         self._owns_engine = engine is None
@@ -92,15 +93,19 @@ class EmbeddedBackend:
             request_id=request.request_id,
             sampling=eng.SamplingParams(
                 max_tokens=s.max_tokens or 1, temperature=s.temperature, top_p=s.top_p, seed=s.seed,
-                stop=s.stop, ignore_eos=s.ignore_eos,
+                stop=s.stop, ignore_eos=s.ignore_eos, min_tokens=s.min_tokens, top_k=s.top_k,
+                repetition_penalty=s.repetition_penalty, stop_token_ids=s.stop_token_ids,
             ),
             messages=messages, prompt=request.prompt, prompt_token_ids=request.prompt_token_ids,
             adapter_id=request.adapter_id, cache_salt=request.cache_salt,
         )
         if s.max_tokens is None:  # fill what the context leaves
-            room = engine.max_model_len - engine.count_tokens(ereq)
+            try:
+                room = engine.max_model_len - engine.count_tokens(ereq)
+            except eng.EngineError as exc:
+                raise _translate(exc) from None
             ereq = dataclasses.replace(ereq, sampling=dataclasses.replace(ereq.sampling, max_tokens=max(1, room)))
-        stream = engine.generate(ereq)
+        stream = engine.generate(ereq, announce=True)
         try:
             while True:
                 try:
@@ -117,6 +122,29 @@ class EmbeddedBackend:
     def abort(self, request_id: str) -> None:
         if self.engine is not None:
             self.engine.abort(request_id)
+
+    async def tokenize(self, *, prompt: str | None = None, messages: Sequence[Message] | None = None,
+                       add_special_tokens: bool = False, add_generation_prompt: bool = True,
+                       with_strings: bool = False) -> Tokens:
+        engine = self._engine()
+        chat = None if messages is None else [eng.ChatMessage(role=m.role, content=m.content) for m in messages]
+
+        def run() -> Tokens:
+            ids = engine.tokenize(prompt=prompt, messages=chat, add_special_tokens=add_special_tokens,
+                                  add_generation_prompt=add_generation_prompt)
+            return Tokens(ids, engine.token_strings(ids) if with_strings else None)
+
+        try:
+            return await asyncio.to_thread(run)
+        except eng.EngineError as exc:
+            raise _translate(exc) from None
+
+    async def detokenize(self, ids: Sequence[int]) -> str:
+        engine = self._engine()
+        try:
+            return await asyncio.to_thread(engine.detokenize, list(ids))
+        except eng.EngineError as exc:
+            raise _translate(exc) from None
 
     def adapter_layout(self) -> str:
         """The engine's stacked slot layout, which depends on its model and dtype."""

@@ -8,7 +8,8 @@ Hierarchy::
     ├── BackendUnavailable     not started, shutting down or unreachable (503)
     ├── BadRequest             a request this backend can never serve (400)
     │   └── ContextTooLong     prompt + max_tokens beyond the context window (400)
-    └── AdapterProblem         slot errors on load/unload (not found, full, rank, in use, invalid)
+    ├── AdapterProblem         slot errors on load/unload (not found, full, rank, in use, invalid)
+    └── Unsupported            an operation this kind of backend does not offer (tokenize on null)
 """
 from __future__ import annotations
 
@@ -40,3 +41,7 @@ class AdapterProblem(BackendError):
         self.adapter_id = adapter_id
         self.kind = kind  # not_found | slots_full | rank_too_large | in_use | exists | invalid
         super().__init__(message)
+
+
+class Unsupported(BackendError):
+    pass

@@ -6,21 +6,26 @@ exactly like a real backend, so the contract suite holds for it too.
 As a model of a real engine for dispatch tests and benchmarks, a token can also take longer
 the more sequences run (``token_delay_per_seq_s`` per running sequence, as a batched decode
 step does), and an adapter load can take ``load_delay_s`` during which every running sequence
-stalls (as the engine's copy into a slot does between two steps)."""
+stalls (as the engine's copy into a slot does between two steps), and the first token can come
+``first_token_delay_s`` after the request's acceptance (a long prefill).
+
+It honours every sampling extension (``base.EXTENSIONS``) as far as text without a model can:
+``ignore_eos`` and ``min_tokens`` set the length, the others leave its words as they are. It
+has no tokenizer: ``tokenize`` is Unsupported."""
 from __future__ import annotations
 
 import asyncio
 import collections
 import dataclasses
 import json
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from adapters.lora import LoraConfig
 
-from .base import BackendChunk, BackendRequest, Capacity, Health
-from .errors import AdapterProblem, BackendOverloaded, BackendUnavailable, BadRequest, ContextTooLong
+from .base import EXTENSIONS, BackendChunk, BackendRequest, Capacity, Health, Message, Tokens
+from .errors import AdapterProblem, BackendOverloaded, BackendUnavailable, BadRequest, ContextTooLong, Unsupported
 
 WORD = "tok"
 #: the shape of the default model (SmolLM2-135M), so adapters for it validate on this backend
@@ -46,8 +51,12 @@ class NullBackend:
     def __init__(self, *, model: str = "null", tokens: int = 16, token_delay_s: float = 0.0, max_num_seqs: int = 32,
                  max_queue: int = 256, max_model_len: int = 2048, max_loras: int = 16, max_lora_rank: int = 16,
                  name: str = "null", model_config: dict[str, Any] | None = None, token_delay_per_seq_s: float = 0.0,
-                 load_delay_s: float = 0.0) -> None:
+                 load_delay_s: float = 0.0, first_token_delay_s: float = 0.0,
+                 extensions: Iterable[str] | None = None) -> None:
         self.name = name
+        #: all by default; fewer to stand in for a backend kind that honours fewer
+        self.extensions = EXTENSIONS if extensions is None else frozenset(extensions) & EXTENSIONS
+        self.first_token_delay_s = first_token_delay_s
         self.token_delay_per_seq_s = token_delay_per_seq_s
         self.load_delay_s = load_delay_s
         self._stalled_until = 0.0  # loop time until which a load holds every sequence
@@ -105,10 +114,13 @@ class NullBackend:
             raise AdapterProblem(f"adapter {adapter!r} is not loaded", adapter, "not_found")
         if self._active >= self.max_num_seqs and self._waiting >= self.max_queue:
             raise BackendOverloaded(f"{self._waiting} requests already waiting (max_queue {self.max_queue})")
+        if s.min_tokens > s.max_tokens:
+            raise BadRequest(f"min_tokens {s.min_tokens} exceeds max_tokens {s.max_tokens}", param="min_tokens")
         if adapter is not None:
             self._users[adapter] += 1
         self._waiting += 1
         try:
+            yield BackendChunk("", prompt_tokens, 0)  # accepted
             try:
                 await self._slots.acquire()
             finally:
@@ -129,9 +141,11 @@ class NullBackend:
 
     async def _tokens(self, request: BackendRequest, prompt_tokens: int) -> AsyncIterator[BackendChunk]:
         s = request.sampling
-        n = s.max_tokens if s.ignore_eos else min(s.max_tokens, self.tokens)
+        n = s.max_tokens if s.ignore_eos else min(s.max_tokens, max(self.tokens, s.min_tokens))
         text_so_far = ""
         loop = asyncio.get_running_loop()
+        if self.first_token_delay_s:
+            await asyncio.sleep(self.first_token_delay_s)
         due = loop.time()
         paced = bool(self.token_delay_s or self.token_delay_per_seq_s or self.load_delay_s)
         for i in range(1, n + 1):
@@ -156,6 +170,14 @@ class NullBackend:
 
     def abort(self, request_id: str) -> None:
         self._aborted.add(request_id)
+
+    async def tokenize(self, *, prompt: str | None = None, messages: Sequence[Message] | None = None,
+                       add_special_tokens: bool = False, add_generation_prompt: bool = True,
+                       with_strings: bool = False) -> Tokens:
+        raise Unsupported("the null backend has no tokenizer")
+
+    async def detokenize(self, ids: Sequence[int]) -> str:
+        raise Unsupported("the null backend has no tokenizer")
 
     def adapter_layout(self) -> str:
         return ""

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import quote
 
@@ -29,7 +29,7 @@ from adapters.lora import LoraConfig
 
 from ..periodic import Periodic
 from ..worker import wire
-from .base import BackendChunk, BackendRequest, Capacity, Health
+from .base import EXTENSIONS, BackendChunk, BackendRequest, Capacity, Health, Message, Tokens
 from .errors import AdapterProblem, BackendError, BackendOverloaded, BackendUnavailable
 
 log = logging.getLogger("tensafe.gateway")
@@ -55,6 +55,7 @@ class RemoteBackend:
         """``timeout_s`` bounds each control call (and each write of a body); a generation may
         wait ``stream_timeout_s`` for each chunk, the first included (it may queue that long)."""
         self.name = name
+        self.extensions = EXTENSIONS  # until the worker says which it honours
         self.url = str(httpx.URL(url)).rstrip("/")
         self._headers = {"authorization": f"Bearer {token}"}
         self._timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s)
@@ -145,6 +146,9 @@ class RemoteBackend:
             self.max_model_len, self.max_adapter_bytes = int(body["max_model_len"]), int(body["max_adapter_bytes"])
         except (KeyError, TypeError, ValueError):
             raise BackendUnavailable(f"worker {self.url} sent a capacity that is not the worker API's") from None
+        extensions = body.get("extensions")
+        if isinstance(extensions, list):
+            self.extensions = frozenset(e for e in extensions if isinstance(e, str)) & EXTENSIONS
         self._note_adapters(self._noted(response), body.get("adapters"))
         self._reachable = True
         return capacity
@@ -214,6 +218,24 @@ class RemoteBackend:
                              headers={"content-type": "application/json"})
         except BackendError as exc:
             log.info("backend %s: abort of %s not delivered: %s", self.name, request_id, exc)
+
+    # ---- tokenizing -----------------------------------------------------------------------------
+    async def tokenize(self, *, prompt: str | None = None, messages: Sequence[Message] | None = None,
+                       add_special_tokens: bool = False, add_generation_prompt: bool = True,
+                       with_strings: bool = False) -> Tokens:
+        body = wire.tokenize_body(prompt, messages, add_special_tokens, add_generation_prompt, with_strings)
+        response = await self._send(self._http(), "POST", "/v1/tokenize", content=body,
+                                    headers={"content-type": "application/json"})
+        return wire.tokens_from(_body(response))
+
+    async def detokenize(self, ids: Sequence[int]) -> str:
+        response = await self._send(self._http(), "POST", "/v1/detokenize", content=wire.dumps({"tokens": list(ids)}),
+                                    headers={"content-type": "application/json"})
+        body = _body(response)
+        text = body.get("prompt") if isinstance(body, dict) else None
+        if not isinstance(text, str):
+            raise BackendUnavailable(f"worker {self.url} sent a detokenized text that is not a string")
+        return text
 
     # ---- adapters -----------------------------------------------------------------------------
     def adapter_layout(self) -> str:

@@ -3,7 +3,8 @@
 Hand-written rather than generated so that every rejection names its parameter the way OpenAI
 does (``messages[2].role``), parameters we do not implement are refused by name instead of
 being dropped, and fields OpenAI does not define are ignored (and reported to the caller for
-logging). No torch, no backend imports.
+logging), except vLLM's sampling extensions that backends honour (``VLLM_SAMPLING``). No torch,
+no backend imports.
 """
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ from ..errors import InvalidRequest
 INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_STOP = 4
+MAX_STOP_TOKEN_IDS = 64
+#: vLLM's sampling parameters beyond OpenAI's that are read (and honoured, or refused by name)
+VLLM_SAMPLING = frozenset({"ignore_eos", "min_tokens", "top_k", "repetition_penalty", "stop_token_ids"})
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -37,6 +41,11 @@ class Common:
     stop: tuple[str, ...]
     user: str | None
     ignored: tuple[str, ...]  # fields OpenAI does not define (logged, not used)
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    top_k: int = 0  # 0: off (vLLM's -1 too)
+    repetition_penalty: float = 1.0
+    stop_token_ids: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -144,10 +153,10 @@ _CHAT_FIELDS = {"model", "messages", "stream", "stream_options", "max_tokens", "
                 "temperature", "top_p", "seed", "stop", "user", "n", "logprobs", "top_logprobs", "presence_penalty",
                 "frequency_penalty", "logit_bias", "response_format", "tools", "tool_choice", "functions",
                 "function_call", "audio", "prediction", "modalities", "reasoning_effort", "verbosity",
-                "web_search_options", "store"} | _HINTS
+                "web_search_options", "store"} | _HINTS | VLLM_SAMPLING
 _COMPLETION_FIELDS = {"model", "prompt", "stream", "stream_options", "max_tokens", "temperature", "top_p", "seed",
                       "stop", "user", "n", "logprobs", "presence_penalty", "frequency_penalty", "logit_bias",
-                      "best_of", "echo", "suffix"} | _HINTS
+                      "best_of", "echo", "suffix"} | _HINTS | VLLM_SAMPLING
 _CHAT_NEUTRAL = frozenset(_CHAT_FIELDS & _NEUTRAL.keys())
 _COMPLETION_NEUTRAL = frozenset(_COMPLETION_FIELDS & _NEUTRAL.keys())
 
@@ -204,7 +213,33 @@ def _common(body: Any, known: set[str], neutral: frozenset[str],
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0), top_p=_number(body, "top_p", 1.0, 0.0, 1.0,
                                                                                low_open=True),
         seed=seed, stop=stops, user=user, ignored=tuple(sorted(k for k in body if k not in known)),
+        **_vllm_sampling(body, max_tokens),
     )
+
+
+def _vllm_sampling(body: Mapping, max_tokens: int | None) -> dict[str, Any]:
+    """vLLM's extensions, with vLLM's ranges (``top_k`` -1 or 0 is off)."""
+    min_tokens = _int(body, "min_tokens", low=0) or 0
+    if max_tokens is not None and min_tokens > max_tokens:
+        raise InvalidRequest(f"Invalid 'min_tokens': {min_tokens} must be at most max_tokens ({max_tokens}).",
+                             param="min_tokens", code="invalid_value")
+    top_k = _int(body, "top_k", low=-1) or 0
+    ids = body.get("stop_token_ids")
+    if ids is None:
+        stop_token_ids: tuple[int, ...] = ()
+    elif isinstance(ids, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        if len(ids) > MAX_STOP_TOKEN_IDS:
+            raise InvalidRequest(f"Invalid 'stop_token_ids': at most {MAX_STOP_TOKEN_IDS} ids, got {len(ids)}.",
+                                 param="stop_token_ids", code="invalid_value")
+        if any(not 0 <= t < 2**31 for t in ids):
+            raise InvalidRequest("Invalid 'stop_token_ids': token ids must be non-negative 32-bit integers.",
+                                 param="stop_token_ids", code="invalid_value")
+        stop_token_ids = tuple(dict.fromkeys(ids))
+    else:
+        raise _wrong("stop_token_ids", "an array of integers", ids)
+    return dict(ignore_eos=_bool(body, "ignore_eos"), min_tokens=min_tokens, top_k=max(top_k, 0),
+                repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, 100.0, low_open=True),
+                stop_token_ids=stop_token_ids)
 
 
 def _content(value: Any, param: str) -> str:
@@ -229,7 +264,11 @@ def _content(value: Any, param: str) -> str:
 
 def parse_chat(body: Any) -> ChatRequest:
     common = _common(body, _CHAT_FIELDS, _CHAT_NEUTRAL, ("max_tokens", "max_completion_tokens"))
-    raw = body.get("messages")
+    return ChatRequest(**common, messages=parse_messages(body.get("messages")))
+
+
+def parse_messages(raw: Any) -> tuple[ChatMessage, ...]:
+    """A chat request's ``messages``."""
     if raw is None:
         raise InvalidRequest("Missing required parameter: 'messages'.", param="messages",
                              code="missing_required_parameter")
@@ -258,7 +297,7 @@ def parse_chat(body: Any) -> ChatRequest:
             raise InvalidRequest(f"Missing required parameter: 'messages[{i}].content'.",
                                  param=f"messages[{i}].content", code="missing_required_parameter")
         messages.append(ChatMessage(ROLES[role], _content(msg["content"], f"messages[{i}].content")))
-    return ChatRequest(**common, messages=tuple(messages))
+    return tuple(messages)
 
 
 def parse_completion(body: Any) -> CompletionRequest:

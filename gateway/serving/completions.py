@@ -1,7 +1,11 @@
 """Chat and text completions: parse, resolve the model, run the backend, answer as JSON or SSE.
 
-Streaming waits for the first chunk before sending headers, so a refused request (queue full,
-context too long) still gets its proper status. One guard per request (``RequestGuard``) sees
+A stream's status and headers go out once the request is *admitted*: authenticated, resolved,
+within its quotas, holding a sequence slot on a chosen backend with its adapter resident there,
+and accepted by that backend (validated, its prompt counted). Until then every refusal is a
+status (400 context too long, 429, 503 no backend or overloaded, 504); after it, a failure is an
+SSE error event (a backend lost before the first token is still replaced by another, once).
+TTFT is measured to the first token either way. One guard per request (``RequestGuard``) sees
 the client go or the deadline pass, whether the request is waiting for its adapter, its first
 token or is streaming; then the backend stream is closed, which aborts the generation and
 frees its batch slot at once.
@@ -33,7 +37,7 @@ from ..tenancy.auth import Principal
 from ..tenancy.quotas import Quotas
 from ..tenancy.usage import UsageRecorder
 from .auto import AUTO, AutoSelector, classified_text
-from .fleet import Fleet, Held, Member, NoBackend
+from .fleet import Fleet, Held, Member, NoBackend, NotHonoured
 from .names import ModelNames, Target
 from .slotqueue import QueueFull
 from .streaming import ChunkTemplate, ClientGone, EventStream, RequestGuard
@@ -113,6 +117,13 @@ class CompletionService:
         headers: dict[str, str] = {}
         target = await self._resolve(request, principal, params.model, inputs, headers)
         max_tokens = _max_tokens(params.max_tokens, principal)
+        if max_tokens is not None and params.min_tokens > max_tokens:
+            raise errors.InvalidRequest(f"min_tokens {params.min_tokens} exceeds max_tokens {max_tokens}.",
+                                        param="min_tokens", code="invalid_value")
+        sampling = Sampling(max_tokens=max_tokens, temperature=params.temperature, top_p=params.top_p,
+                            seed=params.seed, stop=params.stop, ignore_eos=params.ignore_eos,
+                            min_tokens=params.min_tokens, top_k=params.top_k,
+                            repetition_penalty=params.repetition_penalty, stop_token_ids=params.stop_token_ids)
         # everything this request holds, released in reverse order when it ends however it ends
         resources = contextlib.AsyncExitStack()
         guard = RequestGuard(request.receive, deadline)
@@ -122,15 +133,14 @@ class CompletionService:
         try:
             await self._admit(principal, target, prompt_chars // 3 + 1 + (max_tokens or DEFAULT_TOKEN_ESTIMATE),
                               guard, resources, tally)
-            breq = BackendRequest(
-                request_id=rid,
-                sampling=Sampling(max_tokens=max_tokens, temperature=params.temperature, top_p=params.top_p,
-                                  seed=params.seed, stop=params.stop),
-                adapter_id=target.adapter_id, cache_salt=principal.tenant or "", **inputs,
-            )
-            started = time.perf_counter()
-            member, held, stream, first = await self._dispatch(state, principal, target, breq,
-                                                               prompt_chars // 3 + 1, guard, resources)
+            breq = BackendRequest(request_id=rid, sampling=sampling, adapter_id=target.adapter_id,
+                                  cache_salt=principal.tenant or "", **inputs)
+            tally.started = time.perf_counter()
+            steps = self._dispatch(state, principal, target, breq, prompt_chars // 3 + 1, resources)
+            resources.push_async_callback(steps.aclose)
+            await guarded(guard, anext(steps))  # admitted and accepted
+            if not params.stream:
+                started = await guarded(guard, anext(steps))
         except ClientGone:
             await resources.aclose()
             state.error_code = "client_disconnected"
@@ -138,16 +148,16 @@ class CompletionService:
         except BaseException:
             await resources.aclose()
             raise
-        tally.first_at = time.perf_counter()
-        state.ttft_ms = round((tally.first_at - started) * 1000, 3)
         if target.adapter_id:
             headers["x-tensafe-adapter"] = wire.header_text(target.model)
         created = int(time.time())
         chat = isinstance(params, ChatRequest)
         done = functools.partial(self._account, state, principal, target, tally)
         if params.stream:
-            return self._stream(request, member, held, stream, first, chat, rid, created, target,
-                                params.include_usage, guard, resources, done, headers)
+            return self._stream(request, steps, chat, rid, created, target, params.include_usage, guard, resources,
+                                done, tally, headers)
+        member, held, stream, first = started
+        tally.first(state)
         last = None
         try:
             text, last = await guarded(guard, _collect(stream, first, held))
@@ -189,29 +199,47 @@ class CompletionService:
             resources.push_async_callback(lambda: admission.release(tally.tokens))
 
     async def _dispatch(self, state: Any, principal: Principal, target: Target, breq: BackendRequest,
-                        input_estimate: int, guard: RequestGuard, resources: contextlib.AsyncExitStack
-                        ) -> tuple[Member, Held, AsyncIterator[BackendChunk], BackendChunk | None]:
+                        input_estimate: int, resources: contextlib.AsyncExitStack
+                        ) -> AsyncIterator[tuple[Member, Held, AsyncIterator[BackendChunk], BackendChunk | None] | None]:
         """Choose a backend, wait for one of its sequence slots, make the adapter resident there
-        and wait for the first chunk. A backend that is down or fails before the first chunk is
-        counted against its breaker and the request goes to another one, once."""
+        and start the generation: yields None once a backend has accepted the request, then
+        the backend, the held slot, the stream and its first token. A backend that is down or
+        fails before the first token is counted against its breaker and the request goes to
+        another one, once. The caller bounds each step (its guard); what an attempt holds is
+        released with ``resources``, or at once when the attempt fails."""
         tried: frozenset[str] = frozenset()
+        needs = breq.sampling.extensions()
+        accepted = False
         while True:
             try:
-                member, choice = self.fleet.choose(target.adapter_id, target.rank, exclude=tried)
+                member, choice = self.fleet.choose(target.adapter_id, target.rank, exclude=tried, needs=needs)
+            except NotHonoured as exc:
+                raise errors.InvalidRequest(f"The parameter '{exc.parameter}' is not supported by the backends "
+                                            "serving this model.", param=exc.parameter,
+                                            code="unsupported_parameter") from None
             except NoBackend as exc:
                 raise errors.Overloaded(f"No model backend can take the request now ({exc.why}); retry shortly.",
                                         code="no_backend", retry_after=self.retry_after) from None
             state.pool, state.backend = member.pool, member.name
             state.dispatch = "failover" if tried else choice.reason
             attempt = contextlib.AsyncExitStack()
+            resources.push_async_callback(attempt.aclose)  # a no-op once the attempt is closed
             try:
-                held = await guarded(guard, attempt.enter_async_context(self.fleet.slot(
-                    member, target.adapter_id, principal.tenant or "", principal.limits.weight, input_estimate)))
+                held = await attempt.enter_async_context(self.fleet.slot(
+                    member, target.adapter_id, principal.tenant or "", principal.limits.weight, input_estimate))
                 if target.tenant_adapter and self.cache is not None:
-                    await guarded(guard, attempt.enter_async_context(self._lease(target, member.name)))
+                    await attempt.enter_async_context(self._lease(target, member.name))
                 stream = aiter(member.backend.generate(breq))
                 attempt.push_async_callback(stream.aclose)
-                first = await guarded(guard, anext(stream, None))
+                first = await anext(stream, None)
+                if first is not None and _is_acceptance(first):
+                    if not accepted:
+                        accepted = True
+                        yield None
+                    first = await anext(stream, None)
+                elif not accepted:
+                    accepted = True
+                    yield None
             except QueueFull:
                 await attempt.aclose()
                 raise errors.Overloaded("The server is overloaded; retry shortly.",
@@ -232,11 +260,11 @@ class CompletionService:
                 member.breaker.cancelled()
                 await attempt.aclose()
                 raise
-            member.breaker.success()
-            resources.push_async_callback(attempt.aclose)
-            if first is not None:
-                held.generated(first.completion_tokens)
-            return member, held, stream, first
+            break
+        member.breaker.success()
+        if first is not None:
+            held.generated(first.completion_tokens)
+        yield member, held, stream, first
 
     def _failed(self, member: Member, exc: backend_errors.BackendError) -> errors.ApiError:
         """A backend error after the first token: the backend's breaker hears of an outage."""
@@ -293,14 +321,23 @@ class CompletionService:
             self.usage.add(principal.tenant, target.model, last.prompt_tokens, last.completion_tokens,
                            principal.incarnation)
 
-    async def _events(self, request: Request, member: Member, held: Held, stream: AsyncIterator[BackendChunk],
-                      first: BackendChunk | None,
+    async def _events(self, request: Request, steps: AsyncIterator[Any], tally: "_Tally",
                       render: Callable[[BackendChunk, bool], bytes], usage: Callable[[BackendChunk], bytes] | None,
                       done: Callable[[BackendChunk | None], None]) -> AsyncIterator[bytes]:
-        """The SSE events of one stream (the response enforces the deadline and disconnects).
-        The finishing chunk, the usage chunk and ``[DONE]`` are one event: one write."""
-        chunk, last, is_first = first, first, True
+        """The SSE events of one stream, from its first token on (the response enforces the
+        deadline and disconnects). The finishing chunk, the usage chunk and ``[DONE]`` are one
+        event: one write. A failure after the headers is an error event."""
+        last = None
+        state = request.state
         try:
+            try:
+                member, held, stream, first = await anext(steps)
+            except errors.ApiError as error:
+                state.error_code, state.status = error.code, error.status
+                yield wire.sse(error.body())
+                return
+            tally.first(state)
+            chunk, last, is_first = first, first, True
             while chunk is not None:
                 last = chunk
                 event = render(chunk, is_first)
@@ -314,7 +351,7 @@ class CompletionService:
                         held.generated(chunk.completion_tokens)
                 except backend_errors.BackendError as exc:
                     error = self._failed(member, exc)
-                    request.state.error_code = error.code
+                    state.error_code, state.status = error.code, error.status
                     yield wire.sse(error.body())
                     return
             else:
@@ -323,12 +360,9 @@ class CompletionService:
         finally:
             done(last)
 
-    def _stream(self, request: Request, member: Member, held: Held, stream: AsyncIterator[BackendChunk],
-                first: BackendChunk | None,
-                chat: bool, rid: str, created: int, target: Target, include_usage: bool, guard: RequestGuard,
-                resources: contextlib.AsyncExitStack,
-                done: Callable[[BackendChunk | None], None],
-                headers: dict[str, str]) -> EventStream:
+    def _stream(self, request: Request, steps: AsyncIterator[Any], chat: bool, rid: str, created: int,
+                target: Target, include_usage: bool, guard: RequestGuard, resources: contextlib.AsyncExitStack,
+                done: Callable[[BackendChunk | None], None], tally: "_Tally", headers: dict[str, str]) -> EventStream:
         model = target.model
         template = ChunkTemplate("chat.completion.chunk" if chat else "text_completion", rid, created, model,
                                  include_usage)
@@ -342,12 +376,15 @@ class CompletionService:
             if include_usage else None
 
         def timed_out() -> bytes:
-            request.state.error_code = "timeout"
+            request.state.error_code, request.state.status = "timeout", errors.Timeout.status
             return wire.sse(errors.Timeout("The request timed out.", code="timeout").body())
 
-        events = self._events(request, member, held, stream, first, render, usage, done)
-        return EventStream(events, guard=guard, on_timeout=timed_out, final=wire.DONE, on_close=resources.aclose,
-                           headers={**SSE_HEADERS, **headers})
+        def gone() -> None:
+            request.state.error_code, request.state.status = "client_disconnected", 499
+
+        events = self._events(request, steps, tally, render, usage, done)
+        return EventStream(events, guard=guard, on_timeout=timed_out, on_gone=gone, final=wire.DONE,
+                           on_close=resources.aclose, headers={**SSE_HEADERS, **headers})
 
 
 def _max_tokens(requested: int | None, principal: Principal) -> int | None:
@@ -365,7 +402,16 @@ def _max_tokens(requested: int | None, principal: Principal) -> int | None:
 class _Tally:
     tokens: int = 0
     counted: bool = False
-    first_at: float = 0.0  # when the first chunk came
+    started: float = 0.0  # when dispatch began
+    first_at: float = 0.0  # when the first token came
+
+    def first(self, state: Any) -> None:
+        self.first_at = time.perf_counter()
+        state.ttft_ms = round((self.first_at - self.started) * 1000, 3)
+
+
+def _is_acceptance(chunk: BackendChunk) -> bool:
+    return chunk.completion_tokens == 0 and chunk.finish_reason is None and not chunk.text
 
 
 async def _collect(stream: AsyncIterator[BackendChunk], first: BackendChunk | None,

@@ -37,6 +37,14 @@ class NoBackend(Exception):
         super().__init__(f"no backend can serve the request: {why}")
 
 
+class NotHonoured(Exception):
+    """No backend of the fleet honours a sampling extension the request uses."""
+
+    def __init__(self, parameter: str) -> None:
+        self.parameter = parameter
+        super().__init__(f"no backend honours {parameter!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class _Snapshot:
     """What a backend reported at the last refresh."""
@@ -56,6 +64,7 @@ class Member:
     leaving: bool = False  # gone from discovery: finishing what it holds
     up: bool = True  # the last health check
     health_detail: str = ""
+    max_model_len: int = 0  # as the last healthy check said
     service_ms: float = 1000.0  # moving average of how long a request holds a slot
     own: int = 0  # dispatches since the last snapshot
     running: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)  # adapter -> holders
@@ -211,6 +220,8 @@ class Fleet:
             try:
                 health = await asyncio.wait_for(m.backend.health(), self.health_timeout_s)
                 ok, detail = health.ok, health.detail
+                if ok:
+                    m.max_model_len = health.max_model_len
             except (TimeoutError, OSError) as exc:
                 ok, detail = False, f"health check failed: {type(exc).__name__}"
             except Exception as exc:  # noqa: BLE001 - any failure of a backend's check means "not healthy"
@@ -224,6 +235,11 @@ class Fleet:
 
         await asyncio.gather(*(one(m) for m in list(self.members.values())))
 
+    def idlest(self) -> list[Member]:
+        """The available backends, the least busy first (for calls that take no slot)."""
+        members = [m for m in self.members.values() if m.available()]
+        return sorted(members, key=lambda m: (m.queue.holders + m.queue.waiting) / max(1, m.queue.capacity))
+
     def set_drained(self, drained: Iterable[str]) -> None:
         """The drain state from the store (keys ``pool/backend``)."""
         keys = set(drained)
@@ -231,10 +247,18 @@ class Fleet:
             m.drained = m.key in keys
 
     # ---- dispatch ----------------------------------------------------------------------------
-    def choose(self, adapter: str | None, rank: int = 0, exclude: frozenset[str] = frozenset()
-               ) -> tuple[Member, Choice]:
+    def choose(self, adapter: str | None, rank: int = 0, exclude: frozenset[str] = frozenset(),
+               needs: frozenset[str] = frozenset()) -> tuple[Member, Choice]:
+        """A backend for the request (``needs``: the sampling extensions it uses; NotHonoured
+        when no backend of the fleet, up or down, honours one of them)."""
         self.refresh()
-        members = [m for m in self.members.values()
+        candidates = self.members.values()
+        if needs and self.members:
+            candidates = [m for m in candidates if needs <= m.backend.extensions]
+            if not candidates:
+                every = [m.backend.extensions for m in self.members.values()]
+                raise NotHonoured(min(p for p in needs if not all(p in e for e in every)))
+        members = [m for m in candidates
                    if m.name not in exclude and m.available() and m.snapshot is not None]
         if not members:
             raise NoBackend("every backend is down, drained or failing")

@@ -101,16 +101,17 @@ class EventStream(Response):
     closed at once, which aborts the generation) or the request's deadline passes: then
     ``on_timeout()`` is sent as the last event. An event that ends with ``final`` is the last
     one and goes out together with the end of the response, in one write. ``guard`` is the
-    request's (stopped here); ``on_close`` runs last, however the stream ends, even when
-    ``events`` never started."""
+    request's (stopped here); ``on_gone`` runs when the client left before the end;
+    ``on_close`` runs last, however the stream ends, even when ``events`` never started."""
 
     media_type = "text/event-stream"
 
     def __init__(self, events: AsyncIterator[bytes], *, guard: RequestGuard, on_timeout: Callable[[], bytes],
                  final: bytes | None = None, on_close: Callable[[], Awaitable[object]] | None = None,
-                 headers: Mapping[str, str] | None = None) -> None:
+                 on_gone: Callable[[], None] | None = None, headers: Mapping[str, str] | None = None) -> None:
         self.events = events
         self.guard = guard
+        self.on_gone = on_gone
         self.final = final
         self.on_close = on_close
         self.on_timeout = on_timeout
@@ -132,8 +133,9 @@ class EventStream(Response):
             except TimeoutError:
                 tail = self.on_timeout()
             await send({"type": "http.response.body", "body": tail, "more_body": False})
-        except ClientGone:
-            pass  # nothing more to send
+        except (ClientGone, OSError):  # nothing more to send (ASGI 2.4 servers raise OSError on send)
+            if self.on_gone is not None:
+                self.on_gone()
         finally:
             self.guard.stop()
             try:

@@ -136,7 +136,8 @@ class Worker:
     async def capacity(self, request: Request) -> Response:
         return JSONResponse({**wire.capacity_fields(self.backend.capacity()), "max_queue": self.limits.max_queue,
                              "max_lora_rank": self.limits.max_lora_rank, "max_model_len": self.max_model_len,
-                             "max_adapter_bytes": self.limits.max_adapter_bytes, **self._adapters()})
+                             "max_adapter_bytes": self.limits.max_adapter_bytes,
+                             "extensions": sorted(self.backend.extensions), **self._adapters()})
 
     async def model_config(self, request: Request) -> Response:
         return JSONResponse(await self.backend.model_config())
@@ -145,6 +146,15 @@ class Worker:
         h = await self.backend.health()
         return JSONResponse({"ok": h.ok, "model": h.model, "max_model_len": h.max_model_len, "detail": h.detail},
                             status_code=200 if h.ok else 503)
+
+    async def tokenize(self, request: Request) -> Response:
+        args = wire.tokenize_from(parse_json(await read_body(request, self.limits.max_body_bytes)))
+        tokens = await self.backend.tokenize(**args)
+        return JSONResponse({"tokens": tokens.ids, "token_strs": tokens.strings})
+
+    async def detokenize(self, request: Request) -> Response:
+        ids = wire.detokenize_from(parse_json(await read_body(request, self.limits.max_body_bytes)))
+        return JSONResponse({"prompt": await self.backend.detokenize(ids)})
 
     async def metrics_text(self, request: Request) -> Response:
         return Response(self.metrics.render(), media_type=CONTENT_TYPE)
@@ -158,6 +168,8 @@ class Worker:
             Route("/v1/adapters/{adapter_id:path}", self.delete_adapter, methods=["DELETE"]),
             Route("/v1/capacity", self.capacity, methods=["GET"]),
             Route("/v1/model-config", self.model_config, methods=["GET"]),
+            Route("/v1/tokenize", self.tokenize, methods=["POST"]),
+            Route("/v1/detokenize", self.detokenize, methods=["POST"]),
             Route("/health", self.health, methods=["GET"]),
             Route("/metrics", self.metrics_text, methods=["GET"]),
         ]

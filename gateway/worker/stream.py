@@ -1,7 +1,8 @@
 """The answer to ``POST /v1/generate``: newline-delimited JSON chunks, or a refusal.
 
-The status goes out once the backend has produced the first chunk, so a request the backend
-refuses (overloaded, context too long, adapter missing) gets a real error status and body. A
+The status goes out once the backend has produced the first chunk (its acceptance, for the
+embedded engine), so a request the backend refuses (overloaded, context too long, adapter
+missing) gets a real error status and body. A
 watcher reads ``receive`` from the start: when the client disconnects, whether the request is
 still queued, prefilling or streaming, the response's task is cancelled where it waits and the
 backend's stream is closed, which aborts the generation and frees its slot at once (a
@@ -84,12 +85,17 @@ class ChunkStream(Response):
         if first is None:
             await refusal(BackendUnavailable("the backend ended the stream without a chunk"))(scope, receive, send)
             return
-        self.requests.running(handle)
+        waiting = first.completion_tokens == 0 and first.finish_reason is None  # an acceptance
+        if not waiting:
+            self.requests.running(handle)
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
         await send({"type": "http.response.body", "body": wire.chunk_line(first), "more_body": True})
         tail = b""
         try:
             async for chunk in self.chunks:
+                if waiting:
+                    waiting = False
+                    self.requests.running(handle)
                 await send({"type": "http.response.body", "body": wire.chunk_line(chunk), "more_body": True})
         except BackendError as exc:
             log.warning("generation failed after its first chunk: %s", exc)

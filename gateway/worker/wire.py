@@ -12,12 +12,12 @@ import functools
 import inspect
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from adapters.lora import LoraConfig
 
-from ..backends.base import BackendChunk, BackendRequest, Capacity, Message, Sampling
+from ..backends.base import BackendChunk, BackendRequest, Capacity, Message, Sampling, Tokens
 from ..backends.errors import (
     AdapterProblem,
     BackendError,
@@ -25,6 +25,7 @@ from ..backends.errors import (
     BackendUnavailable,
     BadRequest,
     ContextTooLong,
+    Unsupported,
 )
 
 CAPACITY_HEADER = "x-tensafe-capacity"
@@ -38,6 +39,7 @@ KINDS: dict[str, tuple[type[BackendError], int]] = {
     "bad_request": (BadRequest, 400),
     "context_too_long": (ContextTooLong, 400),
     "adapter": (AdapterProblem, 409),
+    "unsupported": (Unsupported, 501),
 }
 _KIND_OF = {cls: kind for kind, (cls, _) in KINDS.items()}
 #: adapter problems whose status is not the kind's
@@ -100,7 +102,9 @@ def request_body(request: BackendRequest) -> bytes:
     body: dict[str, Any] = {
         "request_id": request.request_id, "adapter_id": request.adapter_id, "cache_salt": request.cache_salt,
         "sampling": {"max_tokens": s.max_tokens, "temperature": s.temperature, "top_p": s.top_p, "seed": s.seed,
-                     "stop": list(s.stop), "ignore_eos": s.ignore_eos},
+                     "stop": list(s.stop), "ignore_eos": s.ignore_eos, "min_tokens": s.min_tokens,
+                     "top_k": s.top_k, "repetition_penalty": s.repetition_penalty,
+                     "stop_token_ids": list(s.stop_token_ids)},
     }
     if request.messages is not None:
         body["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
@@ -137,6 +141,22 @@ def _strings(value: Any, name: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _ints(value: Any, name: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise BadRequest(f"{name} must be a list of integers", param=name)
+    return tuple(value)
+
+
+def _messages(items: Any) -> tuple[Message, ...]:
+    if not isinstance(items, list) or not all(isinstance(m, dict) for m in items):
+        raise BadRequest("messages must be a list of objects", param="messages")
+    for m in items:
+        if m.get("role") not in _ROLES or not isinstance(m.get("content"), str):
+            raise BadRequest("each message needs a role (system, user, assistant) and a string content",
+                             param="messages")
+    return tuple(Message(m["role"], m["content"]) for m in items)
+
+
 def request_from(body: Any) -> BackendRequest:
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
@@ -150,17 +170,14 @@ def request_from(body: Any) -> BackendRequest:
         seed=_field(raw, "seed", int, optional=True),
         stop=_strings(raw.get("stop", []), "stop"),
         ignore_eos=_field(raw, "ignore_eos", bool, default=False),
+        min_tokens=_field(raw, "min_tokens", int, default=0),
+        top_k=_field(raw, "top_k", int, default=0),
+        repetition_penalty=float(_field(raw, "repetition_penalty", (int, float), default=1.0)),
+        stop_token_ids=_ints(raw.get("stop_token_ids", []), "stop_token_ids"),
     )
     messages = prompt = token_ids = None
     if body.get("messages") is not None:
-        items = body["messages"]
-        if not isinstance(items, list) or not all(isinstance(m, dict) for m in items):
-            raise BadRequest("messages must be a list of objects", param="messages")
-        for m in items:
-            if m.get("role") not in _ROLES or not isinstance(m.get("content"), str):
-                raise BadRequest("each message needs a role (system, user, assistant) and a string content",
-                                 param="messages")
-        messages = tuple(Message(m["role"], m["content"]) for m in items)
+        messages = _messages(body["messages"])
     if body.get("prompt") is not None:
         prompt = _field(body, "prompt", str)
     if body.get("prompt_token_ids") is not None:
@@ -175,6 +192,48 @@ def request_from(body: Any) -> BackendRequest:
         prompt_token_ids=token_ids, adapter_id=_field(body, "adapter_id", str, optional=True),
         cache_salt=_field(body, "cache_salt", str, default=""),
     )
+
+
+# ---- tokenizing ------------------------------------------------------------------------------
+def tokenize_body(prompt: str | None, messages: Sequence[Message] | None, add_special_tokens: bool,
+                  add_generation_prompt: bool, with_strings: bool) -> bytes:
+    body: dict[str, Any] = {"add_special_tokens": add_special_tokens, "add_generation_prompt": add_generation_prompt,
+                            "with_strings": with_strings}
+    if messages is not None:
+        body["messages"] = [{"role": m.role, "content": m.content} for m in messages]
+    else:
+        body["prompt"] = prompt
+    return _dumps(body).encode()
+
+
+def tokenize_from(body: Any) -> dict[str, Any]:
+    """The keyword arguments of ``Backend.tokenize``."""
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    messages = _messages(body["messages"]) if body.get("messages") is not None else None
+    prompt = _field(body, "prompt", str, optional=True)
+    if (messages is None) == (prompt is None):
+        raise BadRequest("exactly one of prompt and messages is needed", param="prompt")
+    return dict(prompt=prompt, messages=messages,
+                add_special_tokens=_field(body, "add_special_tokens", bool, default=False),
+                add_generation_prompt=_field(body, "add_generation_prompt", bool, default=True),
+                with_strings=_field(body, "with_strings", bool, default=False))
+
+
+def tokens_from(body: Any) -> Tokens:
+    ids = body.get("tokens") if isinstance(body, dict) else None
+    strings = body.get("token_strs") if isinstance(body, dict) else None
+    if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        raise BackendUnavailable("worker sent tokens that are not a list of integers")
+    if strings is not None and (not isinstance(strings, list) or not all(isinstance(t, str) for t in strings)):
+        raise BackendUnavailable("worker sent token strings that are not a list of strings")
+    return Tokens(ids, strings)
+
+
+def detokenize_from(body: Any) -> list[int]:
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    return list(_ints(body.get("tokens"), "tokens"))
 
 
 # ---- chunks -----------------------------------------------------------------------------------

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from engine import ChatMessage, Engine, GenerationRequest, SamplingParams
-from engine.peft_dir import load_peft_dir
 from engine.kv_cache import KVCache
 from engine.lora import LoraSlots
 from engine.model.llama import LlamaModel
 from engine.model.rope import Rope
 from engine.model.weights import load_weights
+from engine.peft_dir import load_peft_dir
 
 from .conftest import PEFT_SPECS
 
@@ -149,3 +149,30 @@ async def test_prefix_reuse_gives_identical_tokens_and_respects_salt_and_adapter
     other_adapter = await once("p4", "r4_qv", "tenant-a")
     assert prefixes.hits == other_salt  # neither another tenant nor another adapter hit those blocks
     assert other_adapter != cold
+
+
+@pytest.mark.slow
+async def test_repetition_penalty_tokens_equal_transformers(fp32_engine: Engine, checkpoint: Path) -> None:
+    """The penalty over the prompt and the output so far, as transformers applies it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    tok = AutoTokenizer.from_pretrained(checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    penalty = RepetitionPenaltyLogitsProcessor(1.5)
+    prompt = "List the days of the week, then list them again."
+    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)["input_ids"]
+    seq = ids
+    with torch.inference_mode():
+        for _ in range(24):
+            logits = penalty(seq, model(seq).logits[:, -1])
+            seq = torch.cat([seq, logits.argmax(-1).view(1, 1)], dim=1)
+    expected = seq[0, ids.shape[1]:].tolist()
+    sampling = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, repetition_penalty=1.5)
+    got = await run(fp32_engine, GenerationRequest(request_id="rep", messages=[ChatMessage("user", prompt)],
+                                                   sampling=sampling))
+    plain = await run(fp32_engine, GenerationRequest(request_id="rep0", messages=[ChatMessage("user", prompt)],
+                                                     sampling=greedy(24)))
+    assert got == expected
+    assert got != plain  # the penalty changed the output

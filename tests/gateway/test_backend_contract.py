@@ -12,7 +12,7 @@ import torch
 
 from gateway.backends import Backend, BackendRequest, LoraConfig, Message, Sampling
 from gateway.backends.embedded import EmbeddedBackend
-from gateway.backends.errors import AdapterProblem, BackendOverloaded, ContextTooLong
+from gateway.backends.errors import AdapterProblem, BackendOverloaded, BadRequest, ContextTooLong
 from gateway.backends.null import NullBackend
 from tests.adapters.builders import SMOLLM2, lora_tensors
 
@@ -27,6 +27,13 @@ def request(rid: str, max_tokens: int = 4, adapter: str | None = None, **kw) -> 
 
 async def collect(backend: Backend, req: BackendRequest) -> list:
     return [c async for c in backend.generate(req)]
+
+
+async def first_token(stream) -> object:
+    """The first chunk with a token, past the backend's acceptance."""
+    while (chunk := await anext(stream)).completion_tokens == 0 and chunk.finish_reason is None:
+        pass
+    return chunk
 
 
 async def eventually(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
@@ -57,16 +64,40 @@ class BackendContract:
                                                        prompt_token_ids=[1, 2, 3, 4]))
         assert chunks[-1].prompt_tokens == 4
 
+    async def test_acceptance_comes_first_even_while_queued(self, backend):
+        """The first chunk is the acceptance (no text, no tokens, the prompt counted), sent
+        before the first token, also for a request that must wait for a sequence slot."""
+        running = [backend.generate(request(f"r{i}", 60)) for i in range(2)]
+        for s in running:
+            await first_token(s)
+        queued = backend.generate(request("queued", 3))
+        accepted = await asyncio.wait_for(anext(queued), 10)
+        assert (accepted.text, accepted.completion_tokens, accepted.finish_reason) == ("", 0, None)
+        assert accepted.prompt_tokens > 0
+        for s in running:
+            await s.aclose()
+        rest = [c async for c in queued]
+        assert rest[-1].completion_tokens == 3 and rest[-1].finish_reason == "length"
+
+    async def test_sampling_extensions(self, backend):
+        assert {"ignore_eos", "min_tokens"} <= backend.extensions
+        free = Sampling(max_tokens=40, temperature=0, min_tokens=30)
+        chunks = await collect(backend, BackendRequest("min", free, messages=HELLO))
+        assert chunks[-1].completion_tokens >= 30
+        with pytest.raises(BadRequest) as exc:
+            await collect(backend, BackendRequest("bad", Sampling(max_tokens=4, min_tokens=5), messages=HELLO))
+        assert exc.value.param == "min_tokens"
+
     async def test_context_limit(self, backend):
         with pytest.raises(ContextTooLong):
             await collect(backend, request("long", 500))
 
     async def test_queue_bound_raises_overloaded(self, backend):
         streams = [backend.generate(request(f"q{i}", 60)) for i in range(3)]
-        firsts = [asyncio.ensure_future(anext(s)) for s in streams[:2]]
+        firsts = [asyncio.ensure_future(first_token(s)) for s in streams[:2]]
         await asyncio.wait(firsts, timeout=30)
         # two running, then one waiting fills the queue; the next is refused at once
-        waiting = asyncio.ensure_future(anext(streams[2]))
+        waiting = asyncio.ensure_future(first_token(streams[2]))
         await eventually(lambda: backend.capacity().queue_depth == 1)
         with pytest.raises(BackendOverloaded):
             await collect(backend, request("refused", 2))
@@ -83,8 +114,8 @@ class BackendContract:
 
     async def test_closing_the_stream_frees_the_slot(self, backend):
         stream = backend.generate(request("c", 60))
-        await anext(stream)
-        assert backend.capacity().free_sequence_slots == 1
+        await first_token(stream)
+        await eventually(lambda: backend.capacity().free_sequence_slots == 1)
         await stream.aclose()
         for _ in range(100):
             if backend.capacity().free_sequence_slots == 2:
@@ -106,7 +137,7 @@ class BackendContract:
         chunks = await collect(backend, request("with-x", 3, adapter="x"))
         assert chunks[-1].completion_tokens == 3
         stream = backend.generate(request("hold-x", 60, adapter="x"))
-        await anext(stream)
+        await first_token(stream)
         with pytest.raises(AdapterProblem) as exc:
             await backend.unload_adapter("x")
         assert exc.value.kind == "in_use"

@@ -16,8 +16,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import save as save_safetensors
 
 from gateway.backends import BackendRequest, LoraConfig, Message, Sampling
+from gateway.backends.base import EXTENSIONS
 from gateway.backends.embedded import EmbeddedBackend
-from gateway.backends.errors import AdapterProblem, BackendUnavailable
+from gateway.backends.errors import AdapterProblem, BackendUnavailable, BadRequest
 from gateway.backends.remote import RemoteBackend
 from gateway.settings import Settings
 from gateway.worker import wire
@@ -25,7 +26,7 @@ from gateway.worker.auth import TokenGate
 from tests.adapters.builders import ALL_MODULES, SMOLLM2, lora_tensors, peft_config, write_peft_dir
 
 from .conftest import BASE
-from .test_backend_contract import CONFIG, BackendContract, collect, eventually, request
+from .test_backend_contract import CONFIG, BackendContract, collect, eventually, first_token, request
 from .test_serve import Proc, free_port
 
 pytestmark = pytest.mark.slow
@@ -158,7 +159,9 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot_at_once(worker):
         with http.stream("POST", "/v1/generate", json=body("leaving", 90)) as r:
             assert r.status_code == 200 and r.headers["content-type"] == wire.NDJSON
             lines = r.iter_lines()
-            read = [json.loads(next(lines)) for _ in range(6)]
+            read = [json.loads(next(lines)) for _ in range(7)]
+            assert read[0] == {"text": "", "prompt_tokens": read[1]["prompt_tokens"], "completion_tokens": 0,
+                               "finish_reason": None}  # the acceptance
             assert read[-1]["completion_tokens"] == 6 and read[-1]["finish_reason"] is None
             assert http.get("/v1/capacity").json()["free_sequence_slots"] == 1
         left = time.monotonic()  # the response is closed mid-body: the connection goes
@@ -174,7 +177,7 @@ async def test_metrics_read_like_vllms(remote, worker):
     await remote.load_adapter("metrics-a", lora_tensors(SMOLLM2, 4, ("q_proj", "v_proj"), seed=2), CONFIG)
     stream = remote.generate(request("m", 60, adapter="metrics-a"))
     try:
-        await anext(stream)
+        await first_token(stream)
         async with httpx.AsyncClient(base_url=worker.url, headers=auth(TOKENS[1])) as http:
             r = await http.get("/metrics")
     finally:
@@ -189,7 +192,7 @@ async def test_metrics_read_like_vllms(remote, worker):
     assert {name: s.value for name, s in values.items()} == {"num_requests_running": 1, "num_requests_waiting": 0,
                                                              "kv_cache_usage_perc": 0.5}
     assert values["num_requests_running"].labels == {"model_name": BASE}
-    await eventually(lambda: remote.capacity().free_sequence_slots == 2)
+    await eventually(lambda: remote.capacity().free_sequence_slots == 2 and not remote.capacity().queue_depth)
     await remote.unload_adapter("metrics-a")
 
 
@@ -289,3 +292,19 @@ def test_the_openai_client_through_a_gateway_in_front_of_a_worker(worker, tmp_pa
         # the gateway leaves its adapters loaded in the worker it shares with the other tests
         httpx.delete(worker.url + "/v1/adapters/local%3Ahelper", headers=auth())
     assert TOKENS[1] not in "".join(gateway.stderr + gateway.stdout)
+
+
+async def test_tokenizing_through_the_worker_is_the_engines(remote, engines):
+    engine = engines(**ENGINE)
+    local = EmbeddedBackend(engine.config, engine=engine)
+    chat = (Message("user", "Say hello."),)
+    for kwargs in ({"prompt": "Hello, world!", "add_special_tokens": True},
+                   {"messages": chat}, {"messages": chat, "add_generation_prompt": False, "with_strings": True}):
+        there, here = await remote.tokenize(**kwargs), await local.tokenize(**kwargs)
+        assert there == here and there.ids
+    ids = (await local.tokenize(messages=chat)).ids
+    assert await remote.detokenize(ids) == await local.detokenize(ids)
+    assert remote.extensions == local.extensions == EXTENSIONS  # as the worker reported
+    with pytest.raises(BadRequest) as exc:
+        await remote.detokenize([10**7])
+    assert exc.value.param == "tokens"
