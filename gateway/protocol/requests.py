@@ -161,13 +161,8 @@ _CHAT_NEUTRAL = frozenset(_CHAT_FIELDS & _NEUTRAL.keys())
 _COMPLETION_NEUTRAL = frozenset(_COMPLETION_FIELDS & _NEUTRAL.keys())
 
 
-def _common(body: Any, known: set[str], neutral: frozenset[str],
-            max_tokens_names: tuple[str, ...]) -> dict[str, Any]:
-    if not isinstance(body, dict):
-        raise InvalidRequest("The request body must be a JSON object.", code="invalid_type")
-    for name in body:  # an absent parameter is neutral: look only at those sent
-        if name in neutral and not _NEUTRAL[name](body[name]):
-            raise _unsupported(name, "is not supported by this server with that value")
+def parse_model(body: Mapping) -> str:
+    """The body's required ``model``."""
     model = body.get("model")
     if model is None:
         raise InvalidRequest("Missing required parameter: 'model'.", param="model", code="missing_required_parameter")
@@ -175,6 +170,17 @@ def _common(body: Any, known: set[str], neutral: frozenset[str],
         raise _wrong("model", "a string", model)
     if not model:
         raise InvalidRequest("Invalid 'model': empty string.", param="model", code="invalid_value")
+    return model
+
+
+def _common(body: Any, known: set[str], neutral: frozenset[str],
+            max_tokens_names: tuple[str, ...]) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.", code="invalid_type")
+    for name in body:  # an absent parameter is neutral: look only at those sent
+        if name in neutral and not _NEUTRAL[name](body[name]):
+            raise _unsupported(name, "is not supported by this server with that value")
+    model = parse_model(body)
     stream = _bool(body, "stream")
     options = body.get("stream_options")
     include_usage = False

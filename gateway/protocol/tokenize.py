@@ -13,7 +13,7 @@ import dataclasses
 from typing import Any
 
 from ..errors import InvalidRequest
-from .requests import ChatMessage, _bool, _wrong, parse_messages
+from .requests import ChatMessage, _bool, _wrong, parse_messages, parse_model
 
 MAX_TOKENS_IN = 1 << 20  # ids one /detokenize may carry
 _TOKENIZE_FIELDS = {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt",
@@ -43,24 +43,13 @@ def _object(body: Any) -> dict:
     return body
 
 
-def _model(body: dict) -> str:
-    model = body.get("model")
-    if model is None:
-        raise InvalidRequest("Missing required parameter: 'model'.", param="model", code="missing_required_parameter")
-    if not isinstance(model, str):
-        raise _wrong("model", "a string", model)
-    if not model:
-        raise InvalidRequest("Invalid 'model': empty string.", param="model", code="invalid_value")
-    return model
-
-
 def _flag(body: dict, name: str, default: bool) -> bool:
     return _bool(body, name) if body.get(name) is not None else default
 
 
 def parse_tokenize(body: Any) -> TokenizeRequest:
     body = _object(body)
-    model = _model(body)
+    model = parse_model(body)
     for name in ("chat_template", "tools"):
         if body.get(name) is not None:
             raise InvalidRequest(f"The parameter '{name}' is not supported by this server.", param=name,
@@ -87,7 +76,7 @@ def parse_tokenize(body: Any) -> TokenizeRequest:
 
 def parse_detokenize(body: Any) -> DetokenizeRequest:
     body = _object(body)
-    model = _model(body)
+    model = parse_model(body)
     tokens = body.get("tokens")
     if tokens is None:
         raise InvalidRequest("Missing required parameter: 'tokens'.", param="tokens", code="missing_required_parameter")
