@@ -1,7 +1,8 @@
 """The peer for ``bench_gateway``: the least an ASGI gateway on uvicorn can do for a streaming
 chat request. It reads the body, parses the JSON and streams ``max_tokens`` SSE chunks at the
-null backend's pace (token i due ``i * delay`` after the request was parsed), the last one
-together with ``[DONE]`` and the end of the body, as the gateway does. No auth, validation,
+null backend's pace (token i due ``i * delay`` after the request was parsed) after sending
+the status and headers at once, the last one together with ``[DONE]`` and the end of the body,
+as the gateway does. No auth, validation,
 routing, quotas, metrics or logging: what it adds over an in-process call is the cost of
 HTTP, uvicorn and a second process on this machine.
 
@@ -34,10 +35,9 @@ async def app(scope, receive, send) -> None:
     tokens = int(json.loads(body).get("max_tokens") or 16)
     loop = asyncio.get_running_loop()
     start = loop.time()
+    await send(HEAD)  # at once, as the gateway does once a request is admitted
     for i in range(1, tokens + 1):
         await asyncio.sleep(max(0.0, start + i * DELAY_S - loop.time()))
-        if i == 1:
-            await send(HEAD)
         if i < tokens:
             await send({"type": "http.response.body", "body": CHUNK, "more_body": True})
     await send({"type": "http.response.body", "body": CHUNK + b"data: [DONE]\n\n", "more_body": False})

@@ -118,35 +118,47 @@ class NullBackend:
             raise BadRequest(f"min_tokens {s.min_tokens} exceeds max_tokens {s.max_tokens}", param="min_tokens")
         if adapter is not None:
             self._users[adapter] += 1
+        loop = asyncio.get_running_loop()
+        slot = self._slots
+        acquired = False
         self._waiting += 1
         try:
-            yield BackendChunk("", prompt_tokens, 0)  # accepted
             try:
-                await self._slots.acquire()
-            finally:
-                self._waiting -= 1
-            self._active += 1
-            try:
-                async for chunk in self._tokens(request, prompt_tokens):
-                    yield chunk
-            finally:
-                self._active -= 1
-                self._slots.release()
-                self._aborted.discard(request.request_id)
+                if not slot.locked():  # a free slot is taken at once and the clock starts, as in an engine
+                    acquired = await slot.acquire()
+                    self._waiting, self._active = self._waiting - 1, self._active + 1
+                origin = loop.time()
+                yield BackendChunk("", prompt_tokens, 0)  # accepted
+                if not acquired:
+                    acquired = await slot.acquire()
+                    self._waiting, self._active = self._waiting - 1, self._active + 1
+                    origin = loop.time()
+            except BaseException:
+                if not acquired:
+                    self._waiting -= 1
+                raise
+            async for chunk in self._tokens(request, prompt_tokens, origin):
+                yield chunk
         finally:
+            self._aborted.discard(request.request_id)
+            if acquired:
+                self._active -= 1
+                slot.release()
             if adapter is not None:
                 self._users[adapter] -= 1
                 if not self._users[adapter]:
                     del self._users[adapter]
 
-    async def _tokens(self, request: BackendRequest, prompt_tokens: int) -> AsyncIterator[BackendChunk]:
+    async def _tokens(self, request: BackendRequest, prompt_tokens: int, origin: float
+                      ) -> AsyncIterator[BackendChunk]:
+        """Tokens paced from ``origin`` (loop time), when the request took its slot."""
         s = request.sampling
         n = s.max_tokens if s.ignore_eos else min(s.max_tokens, max(self.tokens, s.min_tokens))
         text_so_far = ""
         loop = asyncio.get_running_loop()
+        due = origin + self.first_token_delay_s
         if self.first_token_delay_s:
-            await asyncio.sleep(self.first_token_delay_s)
-        due = loop.time()
+            await asyncio.sleep(max(0.0, due - loop.time()))
         paced = bool(self.token_delay_s or self.token_delay_per_seq_s or self.load_delay_s)
         for i in range(1, n + 1):
             if paced:
