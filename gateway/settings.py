@@ -83,6 +83,47 @@ def _pools(raw: Any) -> tuple[PoolSettings, ...]:
 
 
 @dataclasses.dataclass(frozen=True)
+class VllmSettings:
+    """A vLLM server's options, in one place (TOML ``[vllm]``, ``TENSAFE_VLLM_<NAME>``): ``tensafe
+    vllm-command`` prints the ``vllm serve`` command line and environment they make, the agent
+    and the vllm backend read their limits from them, and deploy/ renders the same."""
+
+    model: str = ""  # the checkpoint directory (or model id) vLLM loads; "": the gateway's model's directory
+    served_model_name: str = ""  # "": the gateway's model_name
+    host: str = "127.0.0.1"
+    port: int = 8100
+    device: str = "cpu"  # cpu (vLLM's CPU build) | cuda
+    dtype: str = "bfloat16"
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    cpu_kvcache_space_gib: int = 1  # the CPU build's KV cache (VLLM_CPU_KVCACHE_SPACE)
+    max_model_len: int = 2048
+    max_num_seqs: int = 32
+    block_size: int = 0  # 0: vLLM's default
+    max_loras: int = 8  # adapters registered at once (and in one batch)
+    max_lora_rank: int = 16
+    max_cpu_loras: int = 0  # vLLM's CPU cache of adapters; 0: max_loras
+    extra_args: str = ""  # appended to the command line as they are (shell words)
+    #: vLLM's --api-key (given to it as VLLM_API_KEY); the agent and the backend send it
+    api_key: str = dataclasses.field(default="", repr=False)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> VllmSettings:
+        if isinstance(d, VllmSettings):
+            return d
+        if isinstance(d, str):
+            d = json.loads(d) if d.strip() else {}
+        if not isinstance(d, Mapping):
+            raise ValueError("expected a table of vLLM options")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(fields))
+        if unknown:
+            raise ValueError(f"unknown vLLM option(s) {unknown}")
+        hints = typing.get_type_hints(cls)
+        return cls(**{k: _coerce(f"vllm.{k}", hints[k], v) for k, v in d.items()})
+
+
+@dataclasses.dataclass(frozen=True)
 class Settings:
     # serving
     host: str = "127.0.0.1"
@@ -143,7 +184,7 @@ class Settings:
     #: development adapters served to every caller: ``name=PEFT_DIR,name2=PEFT_DIR2``
     adapters: str = ""
     # backend
-    backend: str = "embedded"  # embedded | null | tensafe (a worker at remote_url): pool "default" without pools
+    backend: str = "embedded"  # embedded | null | tensafe | vllm (at remote_url): pool "default" without pools
     #: the backend pools (see PoolSettings); empty: one pool "default" of the one ``backend``
     pools: tuple[PoolSettings, ...] = ()
     #: how a request's backend is picked among the pools' backends: affinity (adapter residency,
@@ -179,8 +220,21 @@ class Settings:
     #: bearer tokens a worker accepts, comma-separated; two at once while a credential rotates
     worker_tokens: str = dataclasses.field(default="", repr=False)
     worker_max_adapter_bytes: int = 64 << 20  # the largest adapter (safetensors body) a worker takes
-    remote_url: str = ""  # backend tensafe: the worker's URL, http://host:port
-    remote_token: str = dataclasses.field(default="", repr=False)  # backend tensafe: one of its worker_tokens
+    remote_url: str = ""  # backend tensafe or vllm: the server's URL, http://host:port
+    remote_token: str = dataclasses.field(default="", repr=False)  # a worker's worker_tokens, an agent's agent_tokens
+    # vLLM servers (pool kind vllm) and ``tensafe agent``, the writer of a server's adapters
+    vllm: VllmSettings = VllmSettings()
+    #: the agent's adapter directory: it must be memory-backed (tmpfs, ramfs); the agent
+    #: refuses to start otherwise
+    agent_dir: Path = Path("/dev/shm/tensafe-agent")
+    #: bearer tokens the agent accepts, comma-separated; two at once while a credential rotates
+    agent_tokens: str = dataclasses.field(default="", repr=False)
+    agent_max_bytes: int = 2 << 30  # adapter files the agent holds at once (count them in the pod's memory)
+    #: adapters the agent keeps registered at once; vLLM batches vllm.max_loras of them, caches
+    #: vllm.max_cpu_loras in RAM and rereads the others' files when they are asked for
+    agent_max_adapters: int = 64
+    agent_vllm_url: str = ""  # the vLLM server beside the agent; "": http://{vllm.host}:{vllm.port}
+    agent_max_lease_s: float = 300.0  # the longest lease a gateway may take on an adapter
 
     def resolved_store_url(self) -> str:
         return self.store_url or f"sqlite:///{self.data_dir / 'tensafe.db'}"
@@ -208,6 +262,13 @@ class Settings:
             if ENV_PREFIX + name.upper() in env:
                 values[name] = env[ENV_PREFIX + name.upper()]
         values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        vllm = _vllm_values(values.get("vllm"))
+        for f in dataclasses.fields(VllmSettings):  # TENSAFE_VLLM_<NAME> beside TENSAFE_VLLM (JSON)
+            key = f"{ENV_PREFIX}VLLM_{f.name.upper()}"
+            if key in env and f.name not in (overrides or {}).get("vllm", {}):
+                vllm[f.name] = env[key]
+        if vllm:
+            values["vllm"] = vllm
         hints = typing.get_type_hints(cls)
         parsed = {}
         for name, raw in values.items():
@@ -217,7 +278,27 @@ class Settings:
         return cls(**parsed)
 
 
+def _vllm_values(raw: Any) -> dict[str, Any]:
+    if raw is None or raw == "":
+        return {}
+    if isinstance(raw, VllmSettings):
+        return {f.name: getattr(raw, f.name) for f in dataclasses.fields(VllmSettings)}
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except ValueError as exc:
+            raise SettingsError("vllm", f"not JSON: {exc}") from None
+    if not isinstance(raw, Mapping):
+        raise SettingsError("vllm", "expected a table of vLLM options")
+    return dict(raw)
+
+
 def _coerce(name: str, hint: Any, raw: Any) -> Any:
+    if name == "vllm":
+        try:
+            return VllmSettings.from_dict(raw)
+        except (TypeError, ValueError) as exc:
+            raise SettingsError(name, str(exc)) from None
     if name == "pools":
         try:
             return _pools(raw)

@@ -46,6 +46,26 @@ def _tensafe(pool: PoolSettings, settings: Settings, url: str) -> Backend:
     return RemoteBackend(url, pool.token, name=name, stream_timeout_s=settings.request_timeout_s)
 
 
+def _vllm(pool: PoolSettings, settings: Settings, url: str) -> Backend:
+    """A vLLM server at ``url``; its agent at ``options.agent_url`` or on the same host at
+    ``options.agent_port`` (a sidecar in its pod: default 8101); ``token`` is the agent's."""
+    import httpx
+
+    from .null import model_config_of
+    from .vllm import VllmBackend
+
+    o, v = pool.options, settings.vllm
+    parsed = httpx.URL(url)
+    agent_url = o.get("agent_url") or str(parsed.copy_with(port=int(o.get("agent_port", 8101)), path="/"))
+    name = "vllm" if pool.name == "default" else f"{pool.name}-{parsed.host}:{parsed.port or 80}"
+    return VllmBackend(url, agent_url, name=name, served_model=v.served_model_name or settings.model_name,
+                       api_key=v.api_key, agent_token=pool.token, max_num_seqs=v.max_num_seqs,
+                       max_queue=settings.max_queue, max_lora_rank=v.max_lora_rank,
+                       model_config=model_config_of(v.model or settings.model),
+                       stream_timeout_s=settings.request_timeout_s,
+                       lease_ttl_s=float(o.get("lease_ttl_s", 30.0)))
+
+
 def _local_name(pool: PoolSettings, index: int, kind: str) -> str:
     """The one backend of the default pool keeps its kind's name; others are pool-index."""
     return kind if pool.name == "default" and pool.count == 1 else f"{pool.name}-{index}"
@@ -58,7 +78,7 @@ class Kind:
 
 
 KINDS: dict[str, Kind] = {"embedded": Kind(local=_embedded), "null": Kind(local=_null),
-                          "tensafe": Kind(remote=_tensafe)}
+                          "tensafe": Kind(remote=_tensafe), "vllm": Kind(remote=_vllm)}
 
 
 def kind_of(pool: PoolSettings) -> Kind:
@@ -71,9 +91,11 @@ def kind_of(pool: PoolSettings) -> Kind:
 
 def default_pool(settings: Settings) -> PoolSettings:
     """The pool ``default`` that today's single-backend settings describe."""
-    if settings.backend == "tensafe" and not settings.remote_url:
-        raise SettingsError("remote_url", "backend tensafe needs the worker's URL (--remote-url http://host:port)")
-    urls = (settings.remote_url,) if settings.backend == "tensafe" else ()
+    remote = KINDS.get(settings.backend, Kind()).remote is not None
+    if remote and not settings.remote_url:
+        raise SettingsError("remote_url", f"backend {settings.backend} needs its server's URL "
+                                          "(--remote-url http://host:port)")
+    urls = (settings.remote_url,) if remote else ()
     return PoolSettings("default", kind=settings.backend, urls=urls, token=settings.remote_token)
 
 

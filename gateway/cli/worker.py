@@ -21,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from ..worker.auth import parse_tokens
+    from ..bearer import parse_tokens
 
     try:
         settings = settings_from(args)

@@ -2,7 +2,7 @@
 gateway reaches engines in other processes or on other machines (``backends.remote``) as it
 reaches the one in its own.
 
-Modules: ``wire`` (the JSON shapes, imported by both ends), ``auth`` (bearer tokens),
+Modules: ``wire`` (the JSON shapes, imported by both ends; tokens: ``gateway.bearer``),
 ``stream`` (the NDJSON generation response), ``metrics`` (Prometheus, vLLM's names), ``app``
 (the routes), ``server`` (the process).
 

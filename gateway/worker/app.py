@@ -10,10 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import Any
 
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
@@ -25,9 +23,9 @@ from starlette.types import ASGIApp
 
 from ..backends.base import Backend
 from ..backends.errors import AdapterProblem, BackendError, BadRequest
+from ..bearer import TokenGate
 from . import wire
-from .auth import TokenGate
-from .errors import BodyTooLarge
+from .bodies import BodyTooLarge, parse_json, read_body
 from .metrics import CONTENT_TYPE, Requests, VllmCollector, WorkerMetrics
 from .stamp import CapacityStamp
 from .stream import ChunkStream, refusal
@@ -41,32 +39,6 @@ class WorkerLimits:
     max_adapter_bytes: int  # safetensors bodies
     max_queue: int  # what the backend was configured with, reported to clients
     max_lora_rank: int
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused (BodyTooLarge) as soon as it is known to exceed ``limit`` bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise BodyTooLarge(limit, int(declared))
-    parts: list[bytes] = []
-    size = 0
-    async for part in request.stream():
-        size += len(part)
-        if size > limit:
-            raise BodyTooLarge(limit)
-        parts.append(part)
-    return b"".join(parts)
-
-
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def parse_json(body: bytes) -> Any:
-    try:
-        return json.loads(body, parse_constant=_no_constants)
-    except (ValueError, RecursionError):
-        raise BadRequest("the body is not valid JSON") from None
 
 
 class Worker:

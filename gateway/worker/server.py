@@ -5,10 +5,10 @@ of in-flight streams, then the engine shuts down)."""
 from __future__ import annotations
 
 from ..backends.embedded import EmbeddedBackend, engine_config
+from ..bearer import parse_tokens
 from ..server import serve_app, settle_gc
 from ..settings import Settings
 from .app import WorkerLimits, create_worker_app
-from .auth import parse_tokens
 
 
 def limits_of(settings: Settings) -> WorkerLimits:

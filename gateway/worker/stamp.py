@@ -14,8 +14,8 @@ import os
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..backends.base import Backend
+from ..bearer import AUTHENTICATED
 from . import wire
-from .auth import AUTHENTICATED
 
 
 class CapacityStamp:

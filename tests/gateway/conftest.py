@@ -121,3 +121,26 @@ def embedded_server(tmp_path_factory, adapter_dirs, checkpoint) -> Iterator[Serv
                  max_loras=4)
     with Server(create_app(s)) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tmp_path_factory, checkpoint):
+    """One real vLLM CPU server for the whole run (LoRA on, 2 adapters per batch and in its CPU
+    cache, float32), started as ``tensafe vllm-command`` says."""
+    from .vllm_procs import VllmServer
+
+    server = VllmServer(tmp_path_factory.mktemp("vllm"), checkpoint)
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture()
+def shm_dir():
+    """A fresh directory on tmpfs (/dev/shm), removed afterwards."""
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="tensafe-test-", dir="/dev/shm"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

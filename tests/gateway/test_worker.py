@@ -20,9 +20,9 @@ from gateway.backends.base import EXTENSIONS
 from gateway.backends.embedded import EmbeddedBackend
 from gateway.backends.errors import AdapterProblem, BackendUnavailable, BadRequest
 from gateway.backends.remote import RemoteBackend
+from gateway.bearer import TokenGate
 from gateway.settings import Settings
 from gateway.worker import wire
-from gateway.worker.auth import TokenGate
 from tests.adapters.builders import ALL_MODULES, SMOLLM2, lora_tensors, peft_config, write_peft_dir
 
 from .conftest import BASE

@@ -1,0 +1,438 @@
+"""A Backend over one vLLM server (its OpenAI API) and the ``tensafe agent`` beside it.
+
+- Generation: ``/v1/chat/completions`` for messages, ``/v1/completions`` for a prompt or token
+  ids, always streamed, with ``stream_options: {include_usage, continuous_usage_stats}`` so
+  every chunk carries the exact token counts; ``x-request-id`` is passed through; the answer's
+  headers are the acceptance (vLLM validates before it answers); closing the stream closes
+  the upstream response, which vLLM takes as the request's abort. One keep-alive pool per
+  backend sized to its sequence slots, connect and read timeouts.
+- Adapters go to the agent (``gateway.agent``), never to vLLM directly: the agent writes them
+  into memory-backed files and registers them under our internal id. This gateway replica
+  holds a lease on each adapter it streams from, renewed in the background while requests run
+  and before a request on an adapter whose lease is running out.
+- State, refreshed every ``refresh_s``: load from vLLM's ``/metrics``
+  (``vllm:num_requests_running``/``waiting``, ``kv_cache_usage_perc``, the newest
+  ``vllm:lora_requests_info``) and the registered adapters from the agent.
+- vLLM's API key and the agent's token are secrets: sent as headers, never logged or shown in
+  a repr.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from adapters.lora import LoraConfig
+from adapters.peft import peft_config
+
+from ..periodic import Periodic
+from ..worker import wire
+from .base import EXTENSIONS, BackendChunk, BackendRequest, Capacity, Health, Message, Tokens
+from .errors import (
+    AdapterProblem,
+    BackendError,
+    BackendOverloaded,
+    BackendUnavailable,
+    BadRequest,
+    ContextTooLong,
+)
+
+log = logging.getLogger("tensafe.gateway")
+CONTROL_CONNECTIONS = 4
+CONFIG_HEADER = "x-tensafe-peft-config"
+_FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
+
+
+def replica_holder() -> str:
+    """This gateway process's name on the agents' leases."""
+    return f"{socket.gethostname()[:64]}-{os.getpid()}-{os.urandom(4).hex()}"
+
+
+def _serialise(tensors: Mapping[str, Any]) -> bytes:
+    from safetensors.torch import save
+
+    return save({name: t.detach().cpu().contiguous() for name, t in tensors.items()})
+
+
+def _error_message(response: httpx.Response) -> tuple[str, str | None]:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:300], None
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict):
+        return str(error.get("message", ""))[:500], error.get("param") if isinstance(error.get("param"), str) else None
+    return str(body)[:300], None
+
+
+def refusal(response: httpx.Response, model: str) -> BackendError:
+    """The error a vLLM error answer stands for."""
+    message, param = _error_message(response)
+    status = response.status_code
+    if status == 400:
+        if "context length" in message or "max_model_len" in message or "maximum context" in message:
+            return ContextTooLong(message, param=param or "max_tokens")
+        return BadRequest(message, param=param)
+    if status == 404:
+        return AdapterProblem(f"vLLM does not have {model!r} registered: {message}", model, "not_found")
+    if status in (429, 503):
+        return BackendOverloaded(f"vLLM answered {status}: {message}")
+    return BackendUnavailable(f"vLLM answered {status}: {message}")
+
+
+class VllmBackend:
+    def __init__(self, url: str, agent_url: str, *, name: str, served_model: str, api_key: str = "",
+                 agent_token: str = "", holder: str | None = None, max_num_seqs: int = 32, max_queue: int = 256,
+                 max_lora_rank: int = 16, model_config: dict[str, Any] | None = None, timeout_s: float = 10.0,
+                 connect_timeout_s: float = 2.0, stream_timeout_s: float = 600.0, refresh_s: float = 0.5,
+                 lease_ttl_s: float = 30.0) -> None:
+        self.name = name
+        self.extensions = EXTENSIONS  # vLLM's own names for them, passed through
+        self.url = str(httpx.URL(url)).rstrip("/")
+        self.agent_url = str(httpx.URL(agent_url)).rstrip("/")
+        self.served_model = served_model
+        self.holder = holder or replica_holder()
+        self.max_num_seqs = max_num_seqs
+        self.max_queue = max_queue
+        self.max_lora_rank = max_lora_rank
+        self._model_config = model_config
+        self._api_headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        self._agent_headers = {"authorization": f"Bearer {agent_token}"} if agent_token else {}
+        self._timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s)
+        self._stream_timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s, read=stream_timeout_s)
+        self.lease_ttl_s = lease_ttl_s
+        self._vllm: httpx.AsyncClient | None = None
+        self._agent: httpx.AsyncClient | None = None
+        self._refresher = Periodic(f"refresh-{name}", refresh_s, self._refresh)
+        self._renewer = Periodic(f"leases-{name}", lease_ttl_s / 3, self._renew_running)
+        self._inflight: collections.Counter[str] = collections.Counter()
+        self._lease_until: dict[str, float] = {}
+        self._adapters: list[str] = []
+        self.max_adapters = 0
+        self._running = self._waiting = 0
+        self.kv_cache_usage = 0.0
+        self.lora_running: tuple[str, ...] = ()
+        self.lora_waiting: tuple[str, ...] = ()
+        self._reachable = False
+        self.max_model_len = 0
+
+    def __repr__(self) -> str:
+        return f"VllmBackend({self.url!r}, agent={self.agent_url!r}, name={self.name!r})"
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Connect to vLLM and its agent (BackendUnavailable when either cannot be reached)."""
+        if self._vllm is not None:
+            return
+        limits = httpx.Limits(max_connections=self.max_num_seqs + self.max_queue + CONTROL_CONNECTIONS,
+                              max_keepalive_connections=self.max_num_seqs + CONTROL_CONNECTIONS)
+        self._vllm = httpx.AsyncClient(base_url=self.url, headers=self._api_headers, timeout=self._timeout,
+                                       limits=limits)
+        self._agent = httpx.AsyncClient(base_url=self.agent_url, headers=self._agent_headers, timeout=self._timeout)
+        try:
+            await self._fetch_models()
+            await self._refresh_state()
+        except BaseException:
+            await self.close()
+            raise
+        self._refresher.start()
+        self._renewer.start()
+
+    async def close(self) -> None:
+        await self._refresher.stop()
+        await self._renewer.stop()
+        for attr in ("_vllm", "_agent"):
+            client = getattr(self, attr)
+            setattr(self, attr, None)
+            if client is not None:
+                await client.aclose()
+        self._reachable = False
+
+    def _clients(self) -> tuple[httpx.AsyncClient, httpx.AsyncClient]:
+        if self._vllm is None or self._agent is None:
+            raise BackendUnavailable(f"backend {self.name!r} is not started")
+        return self._vllm, self._agent
+
+    async def _send(self, client: httpx.AsyncClient, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            return await client.request(method, path, **kwargs)
+        except httpx.PoolTimeout:
+            raise BackendOverloaded(f"all connections of backend {self.name!r} are busy") from None
+        except httpx.HTTPError as exc:
+            raise BackendUnavailable(f"{client.base_url} unreachable: {type(exc).__name__}") from None
+
+    async def _agent_call(self, method: str, path: str, **kwargs: Any) -> Any:
+        _, agent = self._clients()
+        response = await self._send(agent, method, path, **kwargs)
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if response.is_error:
+            raise wire.error_from(body, response.status_code)
+        if isinstance(body, dict) and isinstance(body.get("adapters"), list):
+            self._note_holdings(body)
+        return body
+
+    def _note_holdings(self, body: dict) -> None:
+        try:
+            self._adapters = [str(a["adapter_id"]) for a in body["adapters"]]
+            self.max_adapters = int(body.get("max_adapters") or self.max_adapters)
+        except (KeyError, TypeError, ValueError):
+            raise BackendUnavailable(f"agent {self.agent_url} sent holdings that are not the agent API's") from None
+
+    # ---- state ------------------------------------------------------------------------------------
+    async def _fetch_models(self) -> None:
+        vllm, _ = self._clients()
+        response = await self._send(vllm, "GET", "/v1/models")
+        if response.status_code != 200:
+            raise refusal(response, self.served_model)
+        try:
+            models = response.json()["data"]
+            base = next(m for m in models if m["id"] == self.served_model)
+        except (ValueError, KeyError, TypeError, StopIteration):
+            raise BackendUnavailable(f"vLLM at {self.url} does not serve {self.served_model!r}") from None
+        self.max_model_len = int(base.get("max_model_len") or 0)
+
+    async def _refresh_state(self) -> None:
+        vllm, _ = self._clients()
+        response = await self._send(vllm, "GET", "/metrics")
+        if response.status_code != 200:
+            raise BackendUnavailable(f"vLLM at {self.url} answered {response.status_code} for its metrics")
+        self._read_metrics(response.text)
+        await self._agent_call("GET", "/v1/adapters")
+        self._reachable = True
+
+    def _read_metrics(self, text: str) -> None:
+        newest = -1.0
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "vllm:num_requests_running":
+                    self._running = int(sample.value)
+                elif sample.name == "vllm:num_requests_waiting":
+                    self._waiting = int(sample.value)
+                elif sample.name == "vllm:kv_cache_usage_perc":
+                    self.kv_cache_usage = float(sample.value)
+                elif sample.name == "vllm:lora_requests_info" and sample.value > newest:
+                    newest = sample.value  # a timestamp: the newest series is the current one
+                    self.lora_running = _names(sample.labels.get("running_lora_adapters", ""))
+                    self.lora_waiting = _names(sample.labels.get("waiting_lora_adapters", ""))
+
+    async def _refresh(self) -> None:
+        try:
+            await self._refresh_state()
+        except BackendError as exc:
+            if self._reachable:
+                log.warning("backend %s: %s", self.name, exc)
+            self._reachable = False
+
+    # ---- leases -----------------------------------------------------------------------------------
+    async def _renew(self, ids: list[str]) -> list[str]:
+        """Renew our leases on ``ids``; those the agent no longer holds."""
+        body = await self._agent_call("POST", "/v1/leases", json={"holder": self.holder, "ttl_s": self.lease_ttl_s,
+                                                                   "adapters": ids})
+        until = time.monotonic() + self.lease_ttl_s
+        missing = [str(m) for m in (body or {}).get("missing", [])]
+        for adapter_id in ids:
+            if adapter_id in missing:
+                self._lease_until.pop(adapter_id, None)
+            else:
+                self._lease_until[adapter_id] = until
+        return missing
+
+    async def _renew_running(self) -> None:
+        running = [a for a, n in self._inflight.items() if n > 0]
+        if running:
+            try:
+                await self._renew(running)
+            except BackendError as exc:
+                log.warning("backend %s: lease renewal failed: %s", self.name, exc)
+
+    async def _hold(self, adapter_id: str) -> None:
+        """Make sure our lease on ``adapter_id`` outlasts the request's start."""
+        if self._lease_until.get(adapter_id, 0.0) - time.monotonic() > self.lease_ttl_s / 2:
+            return
+        if await self._renew([adapter_id]):
+            raise AdapterProblem(f"adapter {adapter_id!r} is no longer held by the agent of {self.name}",
+                                 adapter_id, "not_found")
+
+    # ---- generation -------------------------------------------------------------------------------
+    def _body(self, request: BackendRequest) -> tuple[str, dict[str, Any]]:
+        s = request.sampling
+        body: dict[str, Any] = {"model": request.adapter_id or self.served_model, "temperature": s.temperature,
+                                "top_p": s.top_p, "stream": True,
+                                "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+        if s.max_tokens is not None:
+            body["max_tokens"] = s.max_tokens
+        for name, value, neutral in (("seed", s.seed, None), ("stop", list(s.stop), []),
+                                     ("ignore_eos", s.ignore_eos, False), ("min_tokens", s.min_tokens, 0),
+                                     ("top_k", s.top_k, 0), ("repetition_penalty", s.repetition_penalty, 1.0),
+                                     ("stop_token_ids", list(s.stop_token_ids), [])):
+            if value != neutral:
+                body[name] = value
+        if request.messages is not None:
+            body["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
+            return "/v1/chat/completions", body
+        body["prompt"] = list(request.prompt_token_ids) if request.prompt_token_ids is not None else request.prompt
+        return "/v1/completions", body
+
+    async def generate(self, request: BackendRequest) -> AsyncIterator[BackendChunk]:
+        vllm, _ = self._clients()
+        adapter = request.adapter_id
+        path, body = self._body(request)
+        chat = path == "/v1/chat/completions"
+        if adapter is not None:
+            await self._hold(adapter)
+            self._inflight[adapter] += 1
+        try:
+            async with vllm.stream("POST", path, json=body, timeout=self._stream_timeout,
+                                   headers={"x-request-id": request.request_id}) as response:
+                if response.status_code != 200:
+                    await response.aread()
+                    raise refusal(response, body["model"])
+                yield BackendChunk("", 0, 0)  # accepted: vLLM validated the request before answering
+                finished = False
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: ") or finished:
+                        continue
+                    data = line[6:]
+                    if data == "[DONE]":
+                        break
+                    chunk = self._chunk(data, chat)
+                    if chunk is None:
+                        continue
+                    if chunk.finish_reason is not None:
+                        finished = True
+                    if chunk.text or chunk.finish_reason is not None or chunk.completion_tokens:
+                        yield chunk  # not vLLM's opening chunk (the role, no token yet)
+                if not finished:
+                    raise BackendUnavailable(f"vLLM at {self.url} ended a stream before its finish reason")
+        except httpx.HTTPError as exc:
+            raise BackendUnavailable(f"vLLM at {self.url}: {type(exc).__name__} mid-stream") from None
+        finally:
+            if adapter is not None:
+                self._inflight[adapter] -= 1
+                if self._inflight[adapter] <= 0:
+                    del self._inflight[adapter]
+
+    def _chunk(self, data: str, chat: bool) -> BackendChunk | None:
+        try:
+            event = json.loads(data)
+        except ValueError:
+            raise BackendUnavailable(f"vLLM at {self.url} sent an event that is not JSON") from None
+        if not isinstance(event, dict):
+            raise BackendUnavailable(f"vLLM at {self.url} sent an event that is not an object")
+        if "error" in event:
+            raise BackendUnavailable(f"vLLM at {self.url} failed mid-stream: {str(event['error'])[:200]}")
+        usage = event.get("usage") or {}
+        choices = event.get("choices") or []
+        if not choices:
+            return None  # the closing usage event: the last chunk already counted
+        choice = choices[0]
+        text = ((choice.get("delta") or {}).get("content") if chat else choice.get("text")) or ""
+        reason = choice.get("finish_reason")
+        try:
+            return BackendChunk(text, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0),
+                                None if reason is None else _FINISH.get(reason, "stop"))  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise BackendUnavailable(f"vLLM at {self.url} sent usage that is not counts") from None
+
+    def abort(self, request_id: str) -> None:
+        """Closing a request's stream aborts it in vLLM (it stops a request whose client left)."""
+
+    # ---- tokenizing -----------------------------------------------------------------------------------
+    async def tokenize(self, *, prompt: str | None = None, messages: Sequence[Message] | None = None,
+                       add_special_tokens: bool = False, add_generation_prompt: bool = True,
+                       with_strings: bool = False) -> Tokens:
+        vllm, _ = self._clients()
+        body: dict[str, Any] = {"model": self.served_model, "add_special_tokens": add_special_tokens,
+                                "return_token_strs": with_strings}
+        if messages is not None:
+            body.update(messages=[{"role": m.role, "content": m.content} for m in messages],
+                        add_generation_prompt=add_generation_prompt)
+        else:
+            body["prompt"] = prompt
+        response = await self._send(vllm, "POST", "/tokenize", json=body)
+        if response.status_code != 200:
+            raise refusal(response, self.served_model)
+        try:
+            answer = response.json()
+            return Tokens([int(t) for t in answer["tokens"]], answer.get("token_strs"))
+        except (ValueError, KeyError, TypeError):
+            raise BackendUnavailable(f"vLLM at {self.url} sent tokens that are not a list") from None
+
+    async def detokenize(self, ids: Sequence[int]) -> str:
+        vllm, _ = self._clients()
+        response = await self._send(vllm, "POST", "/detokenize", json={"model": self.served_model,
+                                                                       "tokens": list(ids)})
+        if response.status_code != 200:
+            error = refusal(response, self.served_model)
+            if isinstance(error, BackendUnavailable) and response.status_code == 500:
+                raise BadRequest("a token id is out of the vocabulary", param="tokens") from None
+            raise error
+        try:
+            return str(response.json()["prompt"])
+        except (ValueError, KeyError, TypeError):
+            raise BackendUnavailable(f"vLLM at {self.url} sent a text that is not a string") from None
+
+    # ---- adapters -------------------------------------------------------------------------------------
+    def adapter_layout(self) -> str:
+        return ""
+
+    def prepare_adapter(self, adapter_id: str, tensors: Mapping[str, Any], config: LoraConfig) -> Mapping[str, Any]:
+        if config.rank > self.max_lora_rank:
+            raise AdapterProblem(f"adapter {adapter_id!r}: rank {config.rank} exceeds max_lora_rank "
+                                 f"{self.max_lora_rank} of {self.name}", adapter_id, "rank_too_large")
+        return tensors
+
+    async def load_adapter(self, adapter_id: str, tensors: Mapping[str, Any], config: LoraConfig) -> None:
+        self.prepare_adapter(adapter_id, tensors, config)
+        body = await asyncio.to_thread(_serialise, tensors)
+        await self._agent_call("PUT", f"/v1/adapters/{quote(adapter_id, safe='')}",
+                               params={"holder": self.holder, "ttl_s": self.lease_ttl_s}, content=body,
+                               headers={"content-type": "application/octet-stream",
+                                        CONFIG_HEADER: json.dumps(peft_config(config))})
+        self._lease_until[adapter_id] = time.monotonic() + self.lease_ttl_s
+
+    async def unload_adapter(self, adapter_id: str) -> None:
+        await self._agent_call("DELETE", f"/v1/adapters/{quote(adapter_id, safe='')}", params={"holder": self.holder})
+        self._lease_until.pop(adapter_id, None)
+
+    def adapters(self) -> list[str]:
+        return list(self._adapters)
+
+    async def health(self) -> Health:
+        """vLLM's own health (503: its engine died) and its agent's; never raises."""
+        if self._vllm is None or self._agent is None:
+            return Health(False, self.served_model, self.max_model_len, "not started")
+        try:
+            ok = (await self._vllm.get("/health")).status_code == 200
+            detail = "" if ok else "vLLM is unhealthy"
+            if ok and (await self._agent.get("/health")).status_code != 200:
+                ok, detail = False, "its agent is not ready"
+        except httpx.HTTPError as exc:
+            ok, detail = False, f"unreachable: {type(exc).__name__}"
+        return Health(ok, self.served_model, self.max_model_len, detail or f"vllm {self.url}")
+
+    async def model_config(self) -> dict[str, Any] | None:
+        return self._model_config
+
+    def capacity(self) -> Capacity:
+        if not self._reachable:
+            return Capacity(0, 0, 0, self.max_num_seqs, self.max_adapters, self.max_lora_rank)
+        return Capacity(max(0, self.max_num_seqs - self._running), max(0, self.max_adapters - len(self._adapters)),
+                        self._waiting, self.max_num_seqs, self.max_adapters, self.max_lora_rank)
+
+
+def _names(label: str) -> tuple[str, ...]:
+    return tuple(n for n in label.split(",") if n)
