@@ -44,6 +44,8 @@ from .streaming import ChunkTemplate, ClientGone, EventStream, RequestGuard
 
 log = logging.getLogger("tensafe.gateway")
 T = TypeVar("T")
+#: a started generation: its backend, the slot it holds, the stream and its first token
+_Started = tuple[Member, Held, AsyncIterator[BackendChunk], BackendChunk | None]
 DEFAULT_TOKEN_ESTIMATE = 256  # completion tokens charged up front when max_tokens is unset (refunded)
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
@@ -199,8 +201,7 @@ class CompletionService:
             resources.push_async_callback(lambda: admission.release(tally.tokens))
 
     async def _dispatch(self, state: Any, principal: Principal, target: Target, breq: BackendRequest,
-                        input_estimate: int, resources: contextlib.AsyncExitStack
-                        ) -> AsyncIterator[tuple[Member, Held, AsyncIterator[BackendChunk], BackendChunk | None] | None]:
+                        input_estimate: int, resources: contextlib.AsyncExitStack) -> AsyncIterator[_Started | None]:
         """Choose a backend, wait for one of its sequence slots, make the adapter resident there
         and start the generation: yields None once a backend has accepted the request, then
         the backend, the held slot, the stream and its first token. A backend that is down or
