@@ -2,8 +2,9 @@
 
 - Generation: ``/v1/chat/completions`` for messages, ``/v1/completions`` for a prompt or token
   ids, always streamed, with ``stream_options: {include_usage, continuous_usage_stats}`` so
-  every chunk carries the exact token counts; ``x-request-id`` is passed through; the answer's
-  headers are the acceptance (vLLM validates before it answers); closing the stream closes
+  every chunk carries the exact token counts; ``x-request-id`` is passed through; the
+  acceptance is a chat stream's opening chunk (the role and the prompt's count) or, for a
+  text completion, the answer's headers (vLLM validates before it answers); closing the stream closes
   the upstream response, which vLLM takes as the request's abort. One keep-alive pool per
   backend sized to its sequence slots, connect and read timeouts.
 - Adapters go to the agent (``gateway.agent``), never to vLLM directly: the agent writes them
@@ -23,6 +24,7 @@ import collections
 import json
 import logging
 import os
+import re
 import socket
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -51,6 +53,8 @@ log = logging.getLogger("tensafe.gateway")
 CONTROL_CONNECTIONS = 4
 CONFIG_HEADER = "x-tensafe-peft-config"
 _FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
+_PARAMETER = re.compile(r"parameter=(\w+)")
+_VALIDATION = re.compile(r"^(\w+) must be")
 
 
 def replica_holder() -> str:
@@ -71,7 +75,12 @@ def _error_message(response: httpx.Response) -> tuple[str, str | None]:
         return response.text[:300], None
     error = body.get("error") if isinstance(body, dict) else None
     if isinstance(error, dict):
-        return str(error.get("message", ""))[:500], error.get("param") if isinstance(error.get("param"), str) else None
+        message = str(error.get("message", ""))[:500]
+        param = error.get("param")
+        if not isinstance(param, str):  # vLLM names it in the message: "(parameter=max_tokens, ...)"
+            named = _PARAMETER.search(message) or _VALIDATION.search(message)
+            param = named.group(1) if named else None
+        return message, param
     return str(body)[:300], None
 
 
@@ -174,17 +183,14 @@ class VllmBackend:
     async def _agent_call(self, method: str, path: str, **kwargs: Any) -> Any:
         _, agent = self._clients()
         response = await self._send(agent, method, path, **kwargs)
-        try:
-            body = response.json()
-        except ValueError:
-            body = None
+        body = _json(response)
         if response.is_error:
             raise wire.error_from(body, response.status_code)
         if isinstance(body, dict) and isinstance(body.get("adapters"), list):
             self._note_holdings(body)
         return body
 
-    def _note_holdings(self, body: dict) -> None:
+    def _note_holdings(self, body: Any) -> None:
         try:
             self._adapters = [str(a["adapter_id"]) for a in body["adapters"]]
             self.max_adapters = int(body.get("max_adapters") or self.max_adapters)
@@ -300,7 +306,8 @@ class VllmBackend:
                 if response.status_code != 200:
                     await response.aread()
                     raise refusal(response, body["model"])
-                yield BackendChunk("", 0, 0)  # accepted: vLLM validated the request before answering
+                if not chat:
+                    yield BackendChunk("", 0, 0)  # accepted: vLLM validated the request before answering
                 finished = False
                 async for line in response.aiter_lines():
                     if not line.startswith("data: ") or finished:
@@ -313,8 +320,8 @@ class VllmBackend:
                         continue
                     if chunk.finish_reason is not None:
                         finished = True
-                    if chunk.text or chunk.finish_reason is not None or chunk.completion_tokens:
-                        yield chunk  # not vLLM's opening chunk (the role, no token yet)
+                    # a chat stream opens with the role and the prompt's count: the acceptance
+                    yield chunk
                 if not finished:
                     raise BackendUnavailable(f"vLLM at {self.url} ended a stream before its finish reason")
         except httpx.HTTPError as exc:
@@ -398,13 +405,23 @@ class VllmBackend:
     async def load_adapter(self, adapter_id: str, tensors: Mapping[str, Any], config: LoraConfig) -> None:
         self.prepare_adapter(adapter_id, tensors, config)
         body = await asyncio.to_thread(_serialise, tensors)
-        await self._agent_call("PUT", f"/v1/adapters/{quote(adapter_id, safe='')}",
-                               params={"holder": self.holder, "ttl_s": self.lease_ttl_s}, content=body,
-                               headers={"content-type": "application/octet-stream",
-                                        CONFIG_HEADER: json.dumps(peft_config(config))})
+        _, agent = self._clients()
+        response = await self._send(agent, "PUT", f"/v1/adapters/{quote(adapter_id, safe='')}",
+                                    params={"holder": self.holder, "ttl_s": self.lease_ttl_s}, content=body,
+                                    headers={"content-type": "application/octet-stream",
+                                             CONFIG_HEADER: json.dumps(peft_config(config))})
+        answer = _json(response)
+        if response.is_error:
+            raise wire.error_from(answer, response.status_code)
+        self._note_holdings(answer)
         self._lease_until[adapter_id] = time.monotonic() + self.lease_ttl_s
+        if response.status_code == 200:  # the agent held it already (another replica loaded it): leased now
+            raise AdapterProblem(f"adapter {adapter_id!r} is already loaded on {self.name}", adapter_id, "exists")
 
     async def unload_adapter(self, adapter_id: str) -> None:
+        if self._inflight.get(adapter_id):
+            raise AdapterProblem(f"adapter {adapter_id!r} is used by {self._inflight[adapter_id]} request(s) here; "
+                                 "unload refused", adapter_id, "in_use")
         await self._agent_call("DELETE", f"/v1/adapters/{quote(adapter_id, safe='')}", params={"holder": self.holder})
         self._lease_until.pop(adapter_id, None)
 
@@ -432,6 +449,13 @@ class VllmBackend:
             return Capacity(0, 0, 0, self.max_num_seqs, self.max_adapters, self.max_lora_rank)
         return Capacity(max(0, self.max_num_seqs - self._running), max(0, self.max_adapters - len(self._adapters)),
                         self._waiting, self.max_num_seqs, self.max_adapters, self.max_lora_rank)
+
+
+def _json(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return None
 
 
 def _names(label: str) -> tuple[str, ...]:

@@ -46,8 +46,11 @@ async def eventually(condition: Callable[[], bool], timeout_s: float = 5.0) -> N
 
 
 class BackendContract:
-    """Subclasses provide ``backend`` (started, max_num_seqs 2, max_queue 1, max_loras 2,
-    max_lora_rank 8, max_model_len 128)."""
+    """Subclasses provide ``backend`` (started, ``SEQUENCE_SLOTS`` sequence slots, max_queue 1,
+    2 adapter slots, max_lora_rank 8, a context of ``MAX_MODEL_LEN``)."""
+
+    SEQUENCE_SLOTS = 2
+    MAX_MODEL_LEN = 128
 
     async def test_generates_counted_chunks(self, backend):
         chunks = await collect(backend, request("a", 5))
@@ -67,7 +70,7 @@ class BackendContract:
     async def test_acceptance_comes_first_even_while_queued(self, backend):
         """The first chunk is the acceptance (no text, no tokens, the prompt counted), sent
         before the first token, also for a request that must wait for a sequence slot."""
-        running = [backend.generate(request(f"r{i}", 60)) for i in range(2)]
+        running = [backend.generate(request(f"r{i}", 60)) for i in range(self.SEQUENCE_SLOTS)]
         for s in running:
             await first_token(s)
         queued = backend.generate(request("queued", 3))
@@ -90,7 +93,7 @@ class BackendContract:
 
     async def test_context_limit(self, backend):
         with pytest.raises(ContextTooLong):
-            await collect(backend, request("long", 500))
+            await collect(backend, request("long", 5000))
 
     async def test_queue_bound_raises_overloaded(self, backend):
         streams = [backend.generate(request(f"q{i}", 60)) for i in range(3)]
@@ -113,15 +116,12 @@ class BackendContract:
         assert backend.capacity().free_sequence_slots == 2 and backend.capacity().queue_depth == 0
 
     async def test_closing_the_stream_frees_the_slot(self, backend):
+        slots = self.SEQUENCE_SLOTS
         stream = backend.generate(request("c", 60))
         await first_token(stream)
-        await eventually(lambda: backend.capacity().free_sequence_slots == 1)
+        await eventually(lambda: backend.capacity().free_sequence_slots == slots - 1)
         await stream.aclose()
-        for _ in range(100):
-            if backend.capacity().free_sequence_slots == 2:
-                break
-            await asyncio.sleep(0.02)
-        assert backend.capacity().free_sequence_slots == 2
+        await eventually(lambda: backend.capacity().free_sequence_slots == slots)
 
     async def test_adapter_slots(self, backend):
         tensors = lora_tensors(SMOLLM2, 4, ("q_proj", "v_proj"), seed=3)
@@ -177,9 +177,10 @@ class BackendContract:
 
     async def test_health_and_capacity(self, backend):
         health = await backend.health()
-        assert health.ok and health.max_model_len == 128
+        assert health.ok and health.max_model_len == self.MAX_MODEL_LEN
         cap = backend.capacity()
-        assert (cap.max_sequence_slots, cap.max_adapter_slots, cap.free_sequence_slots) == (2, 2, 2)
+        slots = self.SEQUENCE_SLOTS
+        assert (cap.max_sequence_slots, cap.max_adapter_slots, cap.free_sequence_slots) == (slots, 2, slots)
         assert isinstance(backend, Backend)
 
 

@@ -20,7 +20,7 @@ VLLM_PYTHON = Path(os.environ.get("TENSAFE_VLLM_PYTHON", ROOT / ".venv-vllm" / "
 AGENT_TOKEN = "agent-token-0123456789"
 #: a small LoRA set-up: 2 adapters per batch and in vLLM's CPU cache, so a third one already
 #: makes vLLM drop one and reread its files
-VLLM_OPTIONS = {"max_loras": 2, "max_cpu_loras": 2, "max_lora_rank": 16, "max_num_seqs": 8, "max_model_len": 1024,
+VLLM_OPTIONS = {"max_loras": 2, "max_cpu_loras": 2, "max_lora_rank": 16, "max_num_seqs": 4, "max_model_len": 1024,
                 "dtype": "float32"}
 
 
