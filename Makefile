@@ -8,8 +8,11 @@ STAMP  := $(VENV)/.installed
 # `vllm bench serve` run against it. About 3.5 GB.
 VLLM_VENV  := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
+# LiteLLM's proxy, bench_remote's peer only (never installed by make test or CI).
+LITELLM_VENV  := .venv-litellm
+LITELLM_STAMP := $(LITELLM_VENV)/.installed
 
-.PHONY: install vllm serve test bench clean
+.PHONY: install vllm litellm serve test bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +36,13 @@ $(VLLM_STAMP):
 
 vllm: $(VLLM_STAMP)
 
+$(LITELLM_STAMP):
+	test -x $(LITELLM_VENV)/bin/python || $(PYTHON) -m venv $(LITELLM_VENV)
+	$(LITELLM_VENV)/bin/python -m pip install -q "litellm[proxy]==1.108.7"
+	touch $(LITELLM_STAMP)
+
+litellm: $(LITELLM_STAMP)
+
 serve: $(STAMP)
 	$(VENV)/bin/tensafe serve --dev $(ARGS)
 
@@ -40,4 +50,4 @@ test: $(STAMP) $(VLLM_STAMP)
 	$(PY) -m pytest $(ARGS)
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) $(LITELLM_VENV) .pytest_cache

@@ -26,6 +26,7 @@ import asyncio
 import gc
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -40,6 +41,8 @@ from gateway.backends.null import NullBackend
 MODEL = "smollm2-135m-instruct"
 KEY = "bench-key"
 DEMO_ADAPTER = "demo-support"
+CONTENT = re.compile(rb'"content":\s*"[^"]')  # a delta with text (not a role chunk's empty one)
+USAGE = re.compile(rb'"completion_tokens":\s*(\d+)')
 
 
 def pct(values: list[float], q: float) -> float:
@@ -90,8 +93,9 @@ class Connection:
         if self.writer is not None:
             self.writer.close()
 
-    async def stream(self, payload: bytes) -> tuple[float, float]:
-        """One streaming request: (ms to the first content chunk, ms to the end)."""
+    async def stream(self, payload: bytes) -> tuple[float, float, int]:
+        """One streaming request: (ms to the first non-empty content, ms to the end, completion
+        tokens: the usage chunk's when the stream has one, else the content chunks counted)."""
         if self.writer is None:
             await self.open()
         reader, writer = self.reader, self.writer
@@ -102,16 +106,25 @@ class Connection:
         if not head.startswith(b"HTTP/1.1 200"):
             raise RuntimeError(head.decode(errors="replace"))
         first = None
+        chunks = 0
+        tail = b""
         while True:  # chunked transfer encoding
             size = int((await reader.readuntil(b"\r\n")).strip(), 16)
             if size == 0:
                 await reader.readexactly(2)
                 break
             data = await reader.readexactly(size + 2)
-            if first is None and b'"content"' in data:
-                first = time.perf_counter()
+            tail = tail[-512:] + data
+            found = len(CONTENT.findall(data))
+            if found:
+                chunks += found
+                if first is None:
+                    first = time.perf_counter()
         end = time.perf_counter()
-        return (first - t0) * 1000, (end - t0) * 1000
+        if first is None:
+            raise RuntimeError(f"a stream without content: {tail[-300:]!r}")
+        usage = USAGE.findall(tail)
+        return (first - t0) * 1000, (end - t0) * 1000, int(usage[-1]) if usage else chunks
 
 
 async def http_round(conns: list[Connection], payload: bytes) -> tuple[list[float], list[float]]:

@@ -24,6 +24,10 @@ from tests.adapters.builders import SMOLLM2, lora_tensors, peft_config, write_pe
 
 API_KEY = "tsk-test-key"
 BASE = "smollm2-135m-instruct"
+#: the test vLLM server's settings: 2 adapters per batch and in its CPU cache, so a third one
+#: already makes vLLM drop one and reread its files; float32, so greedy outputs compare exactly
+VLLM_OPTIONS = {"max_loras": 2, "max_cpu_loras": 2, "max_lora_rank": 16, "max_num_seqs": 4, "max_model_len": 1024,
+                "dtype": "float32"}
 SCHEMAS = json.loads((Path(__file__).parent / "data" / "response-schemas.json").read_text())["schemas"]
 
 
@@ -127,9 +131,9 @@ def embedded_server(tmp_path_factory, adapter_dirs, checkpoint) -> Iterator[Serv
 def vllm_server(tmp_path_factory, checkpoint):
     """One real vLLM CPU server for the whole run (LoRA on, 2 adapters per batch and in its CPU
     cache, float32), started as ``tensafe vllm-command`` says."""
-    from .vllm_procs import VllmServer
+    from loadtests.vllm_procs import VllmServer
 
-    server = VllmServer(tmp_path_factory.mktemp("vllm"), checkpoint)
+    server = VllmServer(tmp_path_factory.mktemp("vllm"), checkpoint, VLLM_OPTIONS)
     server.start()
     yield server
     server.kill()

@@ -17,9 +17,8 @@ from gateway.agent.app import Agent, create_agent_app
 from gateway.agent.holdings import Holdings, directory_name
 from gateway.agent.memfs import filesystem_type, is_memory_backed
 from gateway.agent.vllm import VllmAdmin
+from loadtests.vllm_procs import AGENT_TOKEN, ROOT, AgentProcess
 from tests.adapters.builders import SMOLLM2, lora_tensors
-
-from .vllm_procs import AGENT_TOKEN, ROOT, AgentProcess
 
 MODULES = ("q_proj", "v_proj")
 CONFIG = LoraConfig(rank=4, alpha=8.0, target_modules=MODULES)

@@ -12,11 +12,11 @@ import pytest
 from gateway.backends import BackendRequest, LoraConfig, Sampling
 from gateway.backends.errors import AdapterProblem, BackendOverloaded
 from gateway.backends.vllm import VllmBackend
+from loadtests.vllm_procs import AGENT_TOKEN, AgentProcess
 from tests.adapters.builders import SMOLLM2, lora_tensors
 
 from .conftest import BASE
 from .test_backend_contract import HELLO, BackendContract, collect, eventually, first_token, request
-from .vllm_procs import AGENT_TOKEN, AgentProcess
 
 pytestmark = pytest.mark.slow
 CONFIG = LoraConfig(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj"))

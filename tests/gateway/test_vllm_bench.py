@@ -11,12 +11,11 @@ from pathlib import Path
 import pytest
 
 from gateway.app import create_app
+from loadtests.vllm_procs import ROOT, VLLM_PYTHON
 
 from .conftest import API_KEY, BASE, Server, settings
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[2]
-VLLM_PYTHON = Path(os.environ.get("TENSAFE_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
 
 
 @pytest.fixture(scope="module")

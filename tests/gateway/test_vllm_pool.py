@@ -16,9 +16,9 @@ import openai
 import pytest
 
 from gateway.app import create_app
+from loadtests.vllm_procs import AGENT_TOKEN, AgentProcess
 
-from .conftest import API_KEY, BASE, Server, settings
-from .vllm_procs import AGENT_TOKEN, VLLM_OPTIONS, AgentProcess
+from .conftest import API_KEY, BASE, VLLM_OPTIONS, Server, settings
 
 pytestmark = pytest.mark.slow
 ADMIN = "tsk-admin-vllm-pool"

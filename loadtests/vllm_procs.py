@@ -1,5 +1,6 @@
 """A real vLLM CPU server (from ``.venv-vllm``, started with the command ``tensafe vllm-command``
-prints) and a real ``tensafe agent`` beside it, as processes the tests can kill and restart."""
+prints) and a real ``tensafe agent`` beside it, as processes the tests and ``bench_remote`` can
+kill and restart."""
 from __future__ import annotations
 
 import os
@@ -15,13 +16,9 @@ import httpx
 from gateway.backends.vllm_server import vllm_command
 from gateway.settings import Settings
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = Path(os.environ.get("TENSAFE_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
 AGENT_TOKEN = "agent-token-0123456789"
-#: a small LoRA set-up: 2 adapters per batch and in vLLM's CPU cache, so a third one already
-#: makes vLLM drop one and reread its files
-VLLM_OPTIONS = {"max_loras": 2, "max_cpu_loras": 2, "max_lora_rank": 16, "max_num_seqs": 4, "max_model_len": 1024,
-                "dtype": "float32"}
 
 
 def free_port() -> int:
@@ -45,13 +42,16 @@ def wait_http(url: str, proc: subprocess.Popen, timeout_s: float, log: Path) -> 
 
 
 class VllmServer:
-    def __init__(self, workdir: Path, checkpoint: Path, **options) -> None:
+    def __init__(self, workdir: Path, checkpoint: Path, options: dict, cpus: str | None = None) -> None:
+        """``options``: the ``vllm`` settings section; ``cpus``: the cores it runs on (``taskset``
+        and its OpenMP threads), all by default."""
         if not VLLM_PYTHON.is_file():
             raise RuntimeError(f"vLLM's venv is missing ({VLLM_PYTHON}): run `make vllm` (make test does)")
         self.workdir = workdir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.settings = Settings.load({"vllm": {**VLLM_OPTIONS, **options, "port": self.port}}, env={})
+        self.settings = Settings.load({"vllm": {**options, "port": self.port}}, env={})
+        self.cpus = cpus or f"0-{os.cpu_count() - 1}"
         self.command = vllm_command(self.settings, model=str(checkpoint))
         self.proc: subprocess.Popen | None = None
         self.starts = 0
@@ -61,9 +61,9 @@ class VllmServer:
         cache.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **self.command.env, "PYTHONPATH": str(ROOT), "VLLM_CACHE_ROOT": str(cache / "vllm"),
                "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"), "VLLM_RPC_BASE_PATH": str(cache),
-               "VLLM_CPU_OMP_THREADS_BIND": f"0-{os.cpu_count() - 1}"}
+               "VLLM_CPU_OMP_THREADS_BIND": self.cpus}
         log = self.workdir / f"vllm-{self.starts}.log"
-        argv = [str(VLLM_PYTHON), "-m", "loadtests.vllm_cli", *self.command.argv[1:]]
+        argv = ["taskset", "-c", self.cpus, str(VLLM_PYTHON), "-m", "loadtests.vllm_cli", *self.command.argv[1:]]
         with log.open("w") as out:
             self.proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=self.workdir,
                                          start_new_session=True)
