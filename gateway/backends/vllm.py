@@ -126,6 +126,7 @@ class VllmBackend:
         self._renewer = Periodic(f"leases-{name}", lease_ttl_s / 3, self._renew_running)
         self._inflight: collections.Counter[str] = collections.Counter()
         self._lease_until: dict[str, float] = {}
+        self._renewing: dict[str, asyncio.Task] = {}  # lease renewals running beside requests
         self._adapters: list[str] = []
         self.max_adapters = 0
         self._running = self._waiting = 0
@@ -160,6 +161,8 @@ class VllmBackend:
     async def close(self) -> None:
         await self._refresher.stop()
         await self._renewer.stop()
+        for task in list(self._renewing.values()):
+            task.cancel()
         for attr in ("_vllm", "_agent"):
             client = getattr(self, attr)
             setattr(self, attr, None)
@@ -256,6 +259,14 @@ class VllmBackend:
                 self._lease_until[adapter_id] = until
         return missing
 
+    async def _renew_beside(self, adapter_id: str) -> None:
+        try:
+            await self._renew([adapter_id])  # a miss drops our lease: the next request finds out
+        except BackendError as exc:
+            log.warning("backend %s: lease renewal failed: %s", self.name, exc)
+        finally:
+            self._renewing.pop(adapter_id, None)
+
     async def _renew_running(self) -> None:
         running = [a for a, n in self._inflight.items() if n > 0]
         if running:
@@ -265,8 +276,17 @@ class VllmBackend:
                 log.warning("backend %s: lease renewal failed: %s", self.name, exc)
 
     async def _hold(self, adapter_id: str) -> None:
-        """Make sure our lease on ``adapter_id`` outlasts the request's start."""
-        if self._lease_until.get(adapter_id, 0.0) - time.monotonic() > self.lease_ttl_s / 2:
+        """Make sure our lease on ``adapter_id`` outlasts the request's start. A lease past half
+        its life is renewed beside the request while it still has a sixth left (the request
+        goes at once; running adapters are renewed every third of the TTL), and before it
+        otherwise."""
+        left = self._lease_until.get(adapter_id, 0.0) - time.monotonic()
+        if left > self.lease_ttl_s / 2:
+            return
+        if left > self.lease_ttl_s / 6:
+            if adapter_id not in self._renewing:
+                task = asyncio.get_running_loop().create_task(self._renew_beside(adapter_id))
+                self._renewing[adapter_id] = task
             return
         if await self._renew([adapter_id]):
             raise AdapterProblem(f"adapter {adapter_id!r} is no longer held by the agent of {self.name}",

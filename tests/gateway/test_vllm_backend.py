@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from gateway.backends import BackendRequest, LoraConfig, Sampling
-from gateway.backends.errors import AdapterProblem, BackendOverloaded
+from gateway.backends.errors import AdapterProblem, BackendOverloaded, BackendUnavailable
 from gateway.backends.vllm import VllmBackend
 from loadtests.vllm_procs import AGENT_TOKEN, AgentProcess
 from tests.adapters.builders import SMOLLM2, lora_tensors
@@ -178,3 +178,31 @@ async def test_a_full_agent_is_an_adapter_problem_not_an_outage(vllm_backend):
         await vllm_backend.load_adapter("full-2", lora_tensors(SMOLLM2, 4, ("q_proj", "v_proj"), seed=9), CONFIG)
     assert exc.value.kind == "slots_full"
     assert not isinstance(exc.value, BackendOverloaded)
+
+
+async def test_a_lease_past_half_its_life_is_renewed_beside_the_request(vllm_server, vllm_agent):
+    """Within the last half of its lease (but not its last sixth) a request goes to vLLM at once
+    and the lease is renewed beside it; later, the renewal comes first. Shown with the agent
+    down: the first request is served, the second cannot be."""
+    if vllm_agent.proc is None:
+        vllm_agent.start()
+    clear(vllm_agent)
+    b = VllmBackend(vllm_server.url, vllm_agent.url, name="vllm-lease", served_model=BASE, agent_token=AGENT_TOKEN,
+                    max_num_seqs=4, max_lora_rank=8, lease_ttl_s=3.0)
+    await b.start()
+    short = BackendRequest("lease", Sampling(max_tokens=2, temperature=0, ignore_eos=True), messages=HELLO,
+                           adapter_id="leased")
+    try:
+        await b.load_adapter("leased", lora_tensors(SMOLLM2, 4, ("q_proj", "v_proj"), seed=6), CONFIG)
+        await asyncio.sleep(1.7)  # 1.3 s of the lease left
+        vllm_agent.kill()
+        assert (await collect(b, short))[-1].completion_tokens == 2
+        await asyncio.sleep(1.5)  # expired, as far as the backend knows
+        with pytest.raises(BackendUnavailable):
+            await collect(b, short)
+    finally:
+        vllm_agent.start()
+        await eventually(lambda: b.adapters() == ["leased"], timeout_s=10)
+        await b.unload_adapter("leased")
+        await b.close()
+        clear(vllm_agent)
