@@ -233,7 +233,9 @@ class Settings:
     #: adapters the agent keeps registered at once; vLLM batches vllm.max_loras of them, caches
     #: vllm.max_cpu_loras in RAM and rereads the others' files when they are asked for
     agent_max_adapters: int = 64
+    agent_server: str = "vllm"  # the server beside the agent: vllm | lorax (pool kinds of the same names)
     agent_vllm_url: str = ""  # the vLLM server beside the agent; "": http://{vllm.host}:{vllm.port}
+    agent_lorax_url: str = "http://127.0.0.1:3000"  # the LoRAX server beside the agent
     agent_max_lease_s: float = 300.0  # the longest lease a gateway may take on an adapter
 
     def resolved_store_url(self) -> str:

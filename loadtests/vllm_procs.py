@@ -82,16 +82,18 @@ class VllmServer:
 
 
 class AgentProcess:
-    """``tensafe agent`` as its own process (so it can be killed in the middle of things)."""
+    """``tensafe agent`` as its own process (so it can be killed in the middle of things),
+    beside the server at ``server_url`` (``server``: vllm or lorax)."""
 
-    def __init__(self, workdir: Path, agent_dir: Path, vllm_url: str, *, max_adapters: int = 4,
-                 max_bytes: int = 64 << 20) -> None:
+    def __init__(self, workdir: Path, agent_dir: Path, server_url: str, *, server: str = "vllm",
+                 max_adapters: int = 4, max_bytes: int = 64 << 20) -> None:
         self.workdir = workdir
         self.agent_dir = agent_dir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "TENSAFE_AGENT_TOKENS": AGENT_TOKEN, "TENSAFE_AGENT_DIR": str(agent_dir),
-                    "TENSAFE_AGENT_VLLM_URL": vllm_url, "TENSAFE_AGENT_MAX_ADAPTERS": str(max_adapters),
+                    "TENSAFE_AGENT_SERVER": server, f"TENSAFE_AGENT_{server.upper()}_URL": server_url,
+                    "TENSAFE_AGENT_MAX_ADAPTERS": str(max_adapters),
                     "TENSAFE_AGENT_MAX_BYTES": str(max_bytes), "TENSAFE_PORT": str(self.port)}
         self.proc: subprocess.Popen | None = None
         self.starts = 0

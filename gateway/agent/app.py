@@ -118,9 +118,9 @@ class Agent:
         return self._answer()
 
     async def health(self, request: Request) -> Response:
-        vllm_ok = await self.holdings.vllm.healthy()
-        ok = vllm_ok and self.holdings.reconciled
-        return JSONResponse({"ok": ok, "vllm": vllm_ok, "reconciled": self.holdings.reconciled},
+        server_ok = await self.holdings.server.healthy()
+        ok = server_ok and self.holdings.reconciled
+        return JSONResponse({"ok": ok, self.holdings.server.kind: server_ok, "reconciled": self.holdings.reconciled},
                             status_code=200 if ok else 503)
 
     def routes(self) -> list[Route]:
@@ -141,7 +141,7 @@ class Agent:
             self._reconciler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reconciler
-        await self.holdings.vllm.close()
+        await self.holdings.server.close()
 
 
 async def _backend_error(request: Request, exc: Exception) -> Response:

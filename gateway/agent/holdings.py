@@ -1,4 +1,4 @@
-"""The adapters one vLLM server has, and their files: the agent is their only writer.
+"""The adapters one vLLM (or LoRAX) server has, and their files: the agent is their only writer.
 
 An adapter is a directory under the agent's (memory-backed) root, named by a hash of its id,
 holding ``adapter_model.safetensors``, ``adapter_config.json`` and ``name`` (the id, for
@@ -15,6 +15,10 @@ used unleased adapters: from vLLM first, then their files.
 has registered from one of our directories are kept (adopted, unleased); adapters vLLM has
 that no file backs are unregistered; our adapters vLLM lost (it restarted) are registered
 again; files nobody registered are deleted. One lock serialises every change.
+
+A LoRAX server loads an adapter from its path on first use and lists none: there the holdings
+are the agent's alone (registering and unregistering are no-ops), and after the agent restarts
+its files are deleted and the gateways send their adapters again.
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from ..backends.errors import AdapterProblem, BackendUnavailable
-from .vllm import VllmAdmin
+from .admin import ServerAdmin
 
 log = logging.getLogger("tensafe.agent")
 WEIGHTS, CONFIG, NAME = "adapter_model.safetensors", "adapter_config.json", "name"
@@ -56,10 +60,10 @@ def directory_name(adapter_id: str) -> str:
 
 
 class Holdings:
-    def __init__(self, root: Path, vllm: VllmAdmin, *, max_adapters: int, max_bytes: int, max_lease_s: float,
+    def __init__(self, root: Path, server: ServerAdmin, *, max_adapters: int, max_bytes: int, max_lease_s: float,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.root = root
-        self.vllm = vllm
+        self.server = server
         self.max_adapters = max_adapters
         self.max_bytes = max_bytes
         self.max_lease_s = max_lease_s
@@ -75,7 +79,7 @@ class Holdings:
 
     def listing(self) -> list[dict[str, Any]]:
         now = self._clock()
-        return [{"adapter_id": h.adapter_id, "bytes": h.size,
+        return [{"adapter_id": h.adapter_id, "bytes": h.size, "path": str(h.path),
                  "leases": sum(1 for e in h.leases.values() if e > now)} for h in self._held.values()]
 
     def ids(self) -> list[str]:
@@ -119,7 +123,7 @@ class Holdings:
             await self._make_room(adapter_id, size)
             path = await asyncio.to_thread(self._write, adapter_id, weights, config)
             try:
-                await self.vllm.load(adapter_id, str(path))
+                await self.server.load(adapter_id, str(path))
             except BaseException:
                 await asyncio.to_thread(_remove, path)
                 raise
@@ -149,7 +153,7 @@ class Holdings:
             await self._drop(victims.pop(0))
 
     async def _drop(self, h: Holding) -> None:
-        await self.vllm.unload(h.adapter_id)  # vLLM first: it may reread the files until then
+        await self.server.unload(h.adapter_id)  # vLLM first: it may reread the files until then
         del self._held[h.adapter_id]
         await asyncio.to_thread(_remove, h.path)
         log.info("adapter %s unloaded and deleted (%d held)", h.adapter_id, len(self._held))
@@ -182,7 +186,9 @@ class Holdings:
     async def reconcile(self) -> None:
         """Make our files and vLLM's registrations agree (BackendUnavailable while vLLM is down)."""
         async with self._lock:
-            registered = await self.vllm.registered()
+            registered = await self.server.registered()
+            if not self.server.lists_adapters:  # LoRAX: what we hold is all there is
+                registered = {h.adapter_id: str(h.path) for h in self._held.values()}
             on_disk = await asyncio.to_thread(self._scan)
             for adapter_id, root in registered.items():
                 path = on_disk.get(adapter_id)
@@ -194,13 +200,13 @@ class Holdings:
                 else:
                     log.warning("adapter %s is registered in vLLM but no file of ours backs it: unloading",
                                 adapter_id)
-                    await self.vllm.unload(adapter_id)
+                    await self.server.unload(adapter_id)
             for adapter_id, h in list(self._held.items()):
                 if adapter_id not in registered:
                     if h.path.is_dir():
                         log.warning("adapter %s was lost by vLLM (restarted?): registering it again", adapter_id)
                         try:
-                            await self.vllm.load(adapter_id, str(h.path))
+                            await self.server.load(adapter_id, str(h.path))
                         except AdapterProblem:
                             del self._held[adapter_id]
                             await asyncio.to_thread(_remove, h.path)

@@ -11,6 +11,9 @@ from ..backends.errors import AdapterProblem, BackendUnavailable
 
 
 class VllmAdmin:
+    kind = "vllm"
+    lists_adapters = True
+
     def __init__(self, url: str, api_key: str = "", *, timeout_s: float = 30.0) -> None:
         self.url = url.rstrip("/")
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}

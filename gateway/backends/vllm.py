@@ -7,10 +7,9 @@
   text completion, the answer's headers (vLLM validates before it answers); closing the stream closes
   the upstream response, which vLLM takes as the request's abort. One keep-alive pool per
   backend sized to its sequence slots, connect and read timeouts.
-- Adapters go to the agent (``gateway.agent``), never to vLLM directly: the agent writes them
-  into memory-backed files and registers them under our internal id. This gateway replica
-  holds a lease on each adapter it streams from, renewed in the background while requests run
-  and before a request on an adapter whose lease is running out.
+- Adapters go to the agent (``gateway.agent``, through ``agent_link``), never to vLLM
+  directly: the agent writes them into memory-backed files and registers them under our
+  internal id; this replica leases the adapters it streams from.
 - State, refreshed every ``refresh_s``: load from vLLM's ``/metrics``
   (``vllm:num_requests_running``/``waiting``, ``kv_cache_usage_perc``, the newest
   ``vllm:lora_requests_info``) and the registered adapters from the agent.
@@ -19,26 +18,19 @@
 """
 from __future__ import annotations
 
-import asyncio
-import collections
 import json
 import logging
-import os
 import re
-import socket
-import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
-from urllib.parse import quote
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from adapters.lora import LoraConfig
-from adapters.peft import peft_config
 
 from ..periodic import Periodic
-from ..worker import wire
+from .agent_link import AgentLink, send
 from .base import EXTENSIONS, BackendChunk, BackendRequest, Capacity, Health, Message, Tokens
 from .errors import (
     AdapterProblem,
@@ -51,21 +43,9 @@ from .errors import (
 
 log = logging.getLogger("tensafe.gateway")
 CONTROL_CONNECTIONS = 4
-CONFIG_HEADER = "x-tensafe-peft-config"
 _FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
 _PARAMETER = re.compile(r"parameter=(\w+)")
 _VALIDATION = re.compile(r"^(\w+) must be")
-
-
-def replica_holder() -> str:
-    """This gateway process's name on the agents' leases."""
-    return f"{socket.gethostname()[:64]}-{os.getpid()}-{os.urandom(4).hex()}"
-
-
-def _serialise(tensors: Mapping[str, Any]) -> bytes:
-    from safetensors.torch import save
-
-    return save({name: t.detach().cpu().contiguous() for name, t in tensors.items()})
 
 
 def _error_message(response: httpx.Response) -> tuple[str, str | None]:
@@ -108,27 +88,19 @@ class VllmBackend:
         self.name = name
         self.extensions = EXTENSIONS  # vLLM's own names for them, passed through
         self.url = str(httpx.URL(url)).rstrip("/")
-        self.agent_url = str(httpx.URL(agent_url)).rstrip("/")
         self.served_model = served_model
-        self.holder = holder or replica_holder()
         self.max_num_seqs = max_num_seqs
         self.max_queue = max_queue
         self.max_lora_rank = max_lora_rank
         self._model_config = model_config
         self._api_headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-        self._agent_headers = {"authorization": f"Bearer {agent_token}"} if agent_token else {}
         self._timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s)
         self._stream_timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s, read=stream_timeout_s)
-        self.lease_ttl_s = lease_ttl_s
         self._vllm: httpx.AsyncClient | None = None
-        self._agent: httpx.AsyncClient | None = None
+        self.agent = AgentLink(agent_url, backend=name, token=agent_token, holder=holder, timeout=self._timeout,
+                               lease_ttl_s=lease_ttl_s)
+        self.agent_url = self.agent.url
         self._refresher = Periodic(f"refresh-{name}", refresh_s, self._refresh)
-        self._renewer = Periodic(f"leases-{name}", lease_ttl_s / 3, self._renew_running)
-        self._inflight: collections.Counter[str] = collections.Counter()
-        self._lease_until: dict[str, float] = {}
-        self._renewing: dict[str, asyncio.Task] = {}  # lease renewals running beside requests
-        self._adapters: list[str] = []
-        self.max_adapters = 0
         self._running = self._waiting = 0
         self.kv_cache_usage = 0.0
         self.lora_running: tuple[str, ...] = ()
@@ -148,7 +120,7 @@ class VllmBackend:
                               max_keepalive_connections=self.max_num_seqs + CONTROL_CONNECTIONS)
         self._vllm = httpx.AsyncClient(base_url=self.url, headers=self._api_headers, timeout=self._timeout,
                                        limits=limits)
-        self._agent = httpx.AsyncClient(base_url=self.agent_url, headers=self._agent_headers, timeout=self._timeout)
+        self.agent.start()
         try:
             await self._fetch_models()
             await self._refresh_state()
@@ -156,54 +128,26 @@ class VllmBackend:
             await self.close()
             raise
         self._refresher.start()
-        self._renewer.start()
 
     async def close(self) -> None:
         await self._refresher.stop()
-        await self._renewer.stop()
-        for task in list(self._renewing.values()):
-            task.cancel()
-        for attr in ("_vllm", "_agent"):
-            client = getattr(self, attr)
-            setattr(self, attr, None)
-            if client is not None:
-                await client.aclose()
+        await self.agent.close()
+        client, self._vllm = self._vllm, None
+        if client is not None:
+            await client.aclose()
         self._reachable = False
 
-    def _clients(self) -> tuple[httpx.AsyncClient, httpx.AsyncClient]:
-        if self._vllm is None or self._agent is None:
+    def _client(self) -> httpx.AsyncClient:
+        if self._vllm is None:
             raise BackendUnavailable(f"backend {self.name!r} is not started")
-        return self._vllm, self._agent
+        return self._vllm
 
-    async def _send(self, client: httpx.AsyncClient, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        try:
-            return await client.request(method, path, **kwargs)
-        except httpx.PoolTimeout:
-            raise BackendOverloaded(f"all connections of backend {self.name!r} are busy") from None
-        except httpx.HTTPError as exc:
-            raise BackendUnavailable(f"{client.base_url} unreachable: {type(exc).__name__}") from None
-
-    async def _agent_call(self, method: str, path: str, **kwargs: Any) -> Any:
-        _, agent = self._clients()
-        response = await self._send(agent, method, path, **kwargs)
-        body = _json(response)
-        if response.is_error:
-            raise wire.error_from(body, response.status_code)
-        if isinstance(body, dict) and isinstance(body.get("adapters"), list):
-            self._note_holdings(body)
-        return body
-
-    def _note_holdings(self, body: Any) -> None:
-        try:
-            self._adapters = [str(a["adapter_id"]) for a in body["adapters"]]
-            self.max_adapters = int(body.get("max_adapters") or self.max_adapters)
-        except (KeyError, TypeError, ValueError):
-            raise BackendUnavailable(f"agent {self.agent_url} sent holdings that are not the agent API's") from None
+    async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        return await send(self._client(), self.name, method, path, **kwargs)
 
     # ---- state ------------------------------------------------------------------------------------
     async def _fetch_models(self) -> None:
-        vllm, _ = self._clients()
-        response = await self._send(vllm, "GET", "/v1/models")
+        response = await self._send("GET", "/v1/models")
         if response.status_code != 200:
             raise refusal(response, self.served_model)
         try:
@@ -214,12 +158,11 @@ class VllmBackend:
         self.max_model_len = int(base.get("max_model_len") or 0)
 
     async def _refresh_state(self) -> None:
-        vllm, _ = self._clients()
-        response = await self._send(vllm, "GET", "/metrics")
+        response = await self._send("GET", "/metrics")
         if response.status_code != 200:
             raise BackendUnavailable(f"vLLM at {self.url} answered {response.status_code} for its metrics")
         self._read_metrics(response.text)
-        await self._agent_call("GET", "/v1/adapters")
+        await self.agent.refresh()
         self._reachable = True
 
     def _read_metrics(self, text: str) -> None:
@@ -245,53 +188,6 @@ class VllmBackend:
                 log.warning("backend %s: %s", self.name, exc)
             self._reachable = False
 
-    # ---- leases -----------------------------------------------------------------------------------
-    async def _renew(self, ids: list[str]) -> list[str]:
-        """Renew our leases on ``ids``; those the agent no longer holds."""
-        body = await self._agent_call("POST", "/v1/leases", json={"holder": self.holder, "ttl_s": self.lease_ttl_s,
-                                                                   "adapters": ids})
-        until = time.monotonic() + self.lease_ttl_s
-        missing = [str(m) for m in (body or {}).get("missing", [])]
-        for adapter_id in ids:
-            if adapter_id in missing:
-                self._lease_until.pop(adapter_id, None)
-            else:
-                self._lease_until[adapter_id] = until
-        return missing
-
-    async def _renew_beside(self, adapter_id: str) -> None:
-        try:
-            await self._renew([adapter_id])  # a miss drops our lease: the next request finds out
-        except BackendError as exc:
-            log.warning("backend %s: lease renewal failed: %s", self.name, exc)
-        finally:
-            self._renewing.pop(adapter_id, None)
-
-    async def _renew_running(self) -> None:
-        running = [a for a, n in self._inflight.items() if n > 0]
-        if running:
-            try:
-                await self._renew(running)
-            except BackendError as exc:
-                log.warning("backend %s: lease renewal failed: %s", self.name, exc)
-
-    async def _hold(self, adapter_id: str) -> None:
-        """Make sure our lease on ``adapter_id`` outlasts the request's start. A lease past half
-        its life is renewed beside the request while it still has a sixth left (the request
-        goes at once; running adapters are renewed every third of the TTL), and before it
-        otherwise."""
-        left = self._lease_until.get(adapter_id, 0.0) - time.monotonic()
-        if left > self.lease_ttl_s / 2:
-            return
-        if left > self.lease_ttl_s / 6:
-            if adapter_id not in self._renewing:
-                task = asyncio.get_running_loop().create_task(self._renew_beside(adapter_id))
-                self._renewing[adapter_id] = task
-            return
-        if await self._renew([adapter_id]):
-            raise AdapterProblem(f"adapter {adapter_id!r} is no longer held by the agent of {self.name}",
-                                 adapter_id, "not_found")
-
     # ---- generation -------------------------------------------------------------------------------
     def _body(self, request: BackendRequest) -> tuple[str, dict[str, Any]]:
         s = request.sampling
@@ -313,13 +209,13 @@ class VllmBackend:
         return "/v1/completions", body
 
     async def generate(self, request: BackendRequest) -> AsyncIterator[BackendChunk]:
-        vllm, _ = self._clients()
+        vllm = self._client()
         adapter = request.adapter_id
         path, body = self._body(request)
         chat = path == "/v1/chat/completions"
         if adapter is not None:
-            await self._hold(adapter)
-            self._inflight[adapter] += 1
+            await self.agent.hold(adapter)
+            self.agent.started(adapter)
         try:
             async with vllm.stream("POST", path, json=body, timeout=self._stream_timeout,
                                    headers={"x-request-id": request.request_id}) as response:
@@ -348,9 +244,7 @@ class VllmBackend:
             raise BackendUnavailable(f"vLLM at {self.url}: {type(exc).__name__} mid-stream") from None
         finally:
             if adapter is not None:
-                self._inflight[adapter] -= 1
-                if self._inflight[adapter] <= 0:
-                    del self._inflight[adapter]
+                self.agent.finished(adapter)
 
     def _chunk(self, data: str, chat: bool) -> BackendChunk | None:
         try:
@@ -381,7 +275,6 @@ class VllmBackend:
     async def tokenize(self, *, prompt: str | None = None, messages: Sequence[Message] | None = None,
                        add_special_tokens: bool = False, add_generation_prompt: bool = True,
                        with_strings: bool = False) -> Tokens:
-        vllm, _ = self._clients()
         body: dict[str, Any] = {"model": self.served_model, "add_special_tokens": add_special_tokens,
                                 "return_token_strs": with_strings}
         if messages is not None:
@@ -389,7 +282,7 @@ class VllmBackend:
                         add_generation_prompt=add_generation_prompt)
         else:
             body["prompt"] = prompt
-        response = await self._send(vllm, "POST", "/tokenize", json=body)
+        response = await self._send("POST", "/tokenize", json=body)
         if response.status_code != 200:
             raise refusal(response, self.served_model)
         try:
@@ -399,9 +292,7 @@ class VllmBackend:
             raise BackendUnavailable(f"vLLM at {self.url} sent tokens that are not a list") from None
 
     async def detokenize(self, ids: Sequence[int]) -> str:
-        vllm, _ = self._clients()
-        response = await self._send(vllm, "POST", "/detokenize", json={"model": self.served_model,
-                                                                       "tokens": list(ids)})
+        response = await self._send("POST", "/detokenize", json={"model": self.served_model, "tokens": list(ids)})
         if response.status_code != 200:
             error = refusal(response, self.served_model)
             if isinstance(error, BackendUnavailable) and response.status_code == 500:
@@ -424,38 +315,22 @@ class VllmBackend:
 
     async def load_adapter(self, adapter_id: str, tensors: Mapping[str, Any], config: LoraConfig) -> None:
         self.prepare_adapter(adapter_id, tensors, config)
-        body = await asyncio.to_thread(_serialise, tensors)
-        _, agent = self._clients()
-        response = await self._send(agent, "PUT", f"/v1/adapters/{quote(adapter_id, safe='')}",
-                                    params={"holder": self.holder, "ttl_s": self.lease_ttl_s}, content=body,
-                                    headers={"content-type": "application/octet-stream",
-                                             CONFIG_HEADER: json.dumps(peft_config(config))})
-        answer = _json(response)
-        if response.is_error:
-            raise wire.error_from(answer, response.status_code)
-        self._note_holdings(answer)
-        self._lease_until[adapter_id] = time.monotonic() + self.lease_ttl_s
-        if response.status_code == 200:  # the agent held it already (another replica loaded it): leased now
-            raise AdapterProblem(f"adapter {adapter_id!r} is already loaded on {self.name}", adapter_id, "exists")
+        await self.agent.load(adapter_id, tensors, config)
 
     async def unload_adapter(self, adapter_id: str) -> None:
-        if self._inflight.get(adapter_id):
-            raise AdapterProblem(f"adapter {adapter_id!r} is used by {self._inflight[adapter_id]} request(s) here; "
-                                 "unload refused", adapter_id, "in_use")
-        await self._agent_call("DELETE", f"/v1/adapters/{quote(adapter_id, safe='')}", params={"holder": self.holder})
-        self._lease_until.pop(adapter_id, None)
+        await self.agent.unload(adapter_id)
 
     def adapters(self) -> list[str]:
-        return list(self._adapters)
+        return list(self.agent.held)
 
     async def health(self) -> Health:
         """vLLM's own health (503: its engine died) and its agent's; never raises."""
-        if self._vllm is None or self._agent is None:
+        if self._vllm is None:
             return Health(False, self.served_model, self.max_model_len, "not started")
         try:
             ok = (await self._vllm.get("/health")).status_code == 200
             detail = "" if ok else "vLLM is unhealthy"
-            if ok and (await self._agent.get("/health")).status_code != 200:
+            if ok and not await self.agent.healthy():
                 ok, detail = False, "its agent is not ready"
         except httpx.HTTPError as exc:
             ok, detail = False, f"unreachable: {type(exc).__name__}"
@@ -465,17 +340,11 @@ class VllmBackend:
         return self._model_config
 
     def capacity(self) -> Capacity:
+        slots = self.agent.max_adapters
         if not self._reachable:
-            return Capacity(0, 0, 0, self.max_num_seqs, self.max_adapters, self.max_lora_rank)
-        return Capacity(max(0, self.max_num_seqs - self._running), max(0, self.max_adapters - len(self._adapters)),
-                        self._waiting, self.max_num_seqs, self.max_adapters, self.max_lora_rank)
-
-
-def _json(response: httpx.Response) -> Any:
-    try:
-        return response.json()
-    except ValueError:
-        return None
+            return Capacity(0, 0, 0, self.max_num_seqs, slots, self.max_lora_rank)
+        return Capacity(max(0, self.max_num_seqs - self._running), max(0, slots - len(self.agent.held)),
+                        self._waiting, self.max_num_seqs, slots, self.max_lora_rank)
 
 
 def _names(label: str) -> tuple[str, ...]:

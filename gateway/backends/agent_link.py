@@ -1,0 +1,202 @@
+"""A backend's side of ``tensafe agent`` (``gateway.agent``): the adapters of a vLLM or LoRAX
+server go to the agent beside it, never to the server directly. The agent writes them into
+memory-backed files; this gateway replica holds a lease on each adapter it streams from,
+renewed in the background while requests run and beside (or, once it is nearly out, before) a
+request on an adapter whose lease is past half its life. The agent's token is a secret: sent
+as a header, never logged or shown in a repr."""
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from adapters.lora import LoraConfig
+from adapters.peft import peft_config
+
+from ..periodic import Periodic
+from ..worker import wire
+from .errors import AdapterProblem, BackendError, BackendOverloaded, BackendUnavailable
+
+log = logging.getLogger("tensafe.gateway")
+CONFIG_HEADER = "x-tensafe-peft-config"
+
+
+def replica_holder() -> str:
+    """This gateway process's name on the agents' leases."""
+    return f"{socket.gethostname()[:64]}-{os.getpid()}-{os.urandom(4).hex()}"
+
+
+def _serialise(tensors: Mapping[str, Any]) -> bytes:
+    from safetensors.torch import save
+
+    return save({name: t.detach().cpu().contiguous() for name, t in tensors.items()})
+
+
+def response_json(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return None
+
+
+async def send(client: httpx.AsyncClient, name: str, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    """One call of backend ``name``: a full pool is overload, a transport failure unavailability."""
+    try:
+        return await client.request(method, path, **kwargs)
+    except httpx.PoolTimeout:
+        raise BackendOverloaded(f"all connections of backend {name!r} are busy") from None
+    except httpx.HTTPError as exc:
+        raise BackendUnavailable(f"{client.base_url} unreachable: {type(exc).__name__}") from None
+
+
+class AgentLink:
+    def __init__(self, url: str, *, backend: str, token: str = "", holder: str | None = None,
+                 timeout: httpx.Timeout, lease_ttl_s: float = 30.0) -> None:
+        self.url = str(httpx.URL(url)).rstrip("/")
+        self.backend = backend
+        self.holder = holder or replica_holder()
+        self.lease_ttl_s = lease_ttl_s
+        self._headers = {"authorization": f"Bearer {token}"} if token else {}
+        self._timeout = timeout
+        self._client: httpx.AsyncClient | None = None
+        self._renewer = Periodic(f"leases-{backend}", lease_ttl_s / 3, self._renew_running)
+        self.inflight: collections.Counter[str] = collections.Counter()
+        self._lease_until: dict[str, float] = {}
+        self._renewing: dict[str, asyncio.Task] = {}  # lease renewals running beside requests
+        self.held: list[str] = []
+        self.paths: dict[str, str] = {}  # adapter id -> its directory (where the server reads it)
+        self.max_adapters = 0
+
+    def __repr__(self) -> str:
+        return f"AgentLink({self.url!r}, holder={self.holder!r})"
+
+    def start(self) -> None:
+        if self._client is None:
+            self._client = httpx.AsyncClient(base_url=self.url, headers=self._headers, timeout=self._timeout)
+            self._renewer.start()
+
+    async def close(self) -> None:
+        await self._renewer.stop()
+        for task in list(self._renewing.values()):
+            task.cancel()
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    def _agent(self) -> httpx.AsyncClient:
+        if self._client is None:
+            raise BackendUnavailable(f"backend {self.backend!r} is not started")
+        return self._client
+
+    async def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = await send(self._agent(), self.backend, method, path, **kwargs)
+        body = response_json(response)
+        if response.is_error:
+            raise wire.error_from(body, response.status_code)
+        if isinstance(body, dict) and isinstance(body.get("adapters"), list):
+            self._note_holdings(body)
+        return body
+
+    async def refresh(self) -> None:
+        await self.call("GET", "/v1/adapters")
+
+    def _note_holdings(self, body: Any) -> None:
+        try:
+            held = body["adapters"]
+            self.held = [str(a["adapter_id"]) for a in held]
+            self.paths = {str(a["adapter_id"]): str(a.get("path") or "") for a in held}
+            self.max_adapters = int(body.get("max_adapters") or self.max_adapters)
+        except (KeyError, TypeError, ValueError):
+            raise BackendUnavailable(f"agent {self.url} sent holdings that are not the agent API's") from None
+
+    async def healthy(self) -> bool:
+        try:
+            return (await self._agent().get("/health")).status_code == 200
+        except (httpx.HTTPError, BackendUnavailable):
+            return False
+
+    # ---- leases -------------------------------------------------------------------------------
+    async def _renew(self, ids: list[str]) -> list[str]:
+        """Renew our leases on ``ids``; those the agent no longer holds."""
+        body = await self.call("POST", "/v1/leases", json={"holder": self.holder, "ttl_s": self.lease_ttl_s,
+                                                            "adapters": ids})
+        until = time.monotonic() + self.lease_ttl_s
+        missing = [str(m) for m in (body or {}).get("missing", [])]
+        for adapter_id in ids:
+            if adapter_id in missing:
+                self._lease_until.pop(adapter_id, None)
+            else:
+                self._lease_until[adapter_id] = until
+        return missing
+
+    async def _renew_beside(self, adapter_id: str) -> None:
+        try:
+            await self._renew([adapter_id])  # a miss drops our lease: the next request finds out
+        except BackendError as exc:
+            log.warning("backend %s: lease renewal failed: %s", self.backend, exc)
+        finally:
+            self._renewing.pop(adapter_id, None)
+
+    async def _renew_running(self) -> None:
+        running = [a for a, n in self.inflight.items() if n > 0]
+        if running:
+            try:
+                await self._renew(running)
+            except BackendError as exc:
+                log.warning("backend %s: lease renewal failed: %s", self.backend, exc)
+
+    async def hold(self, adapter_id: str) -> None:
+        """Make sure our lease on ``adapter_id`` outlasts the request's start. A lease past half
+        its life is renewed beside the request while it still has a sixth left (the request
+        goes at once; running adapters are renewed every third of the TTL), and before it
+        otherwise."""
+        left = self._lease_until.get(adapter_id, 0.0) - time.monotonic()
+        if left > self.lease_ttl_s / 2:
+            return
+        if left > self.lease_ttl_s / 6:
+            if adapter_id not in self._renewing:
+                task = asyncio.get_running_loop().create_task(self._renew_beside(adapter_id))
+                self._renewing[adapter_id] = task
+            return
+        if await self._renew([adapter_id]):
+            raise AdapterProblem(f"adapter {adapter_id!r} is no longer held by the agent of {self.backend}",
+                                 adapter_id, "not_found")
+
+    def started(self, adapter_id: str) -> None:
+        self.inflight[adapter_id] += 1
+
+    def finished(self, adapter_id: str) -> None:
+        self.inflight[adapter_id] -= 1
+        if self.inflight[adapter_id] <= 0:
+            del self.inflight[adapter_id]
+
+    # ---- adapters -------------------------------------------------------------------------------
+    async def load(self, adapter_id: str, tensors: Mapping[str, Any], config: LoraConfig) -> None:
+        body = await asyncio.to_thread(_serialise, tensors)
+        response = await send(self._agent(), self.backend, "PUT", f"/v1/adapters/{quote(adapter_id, safe='')}",
+                              params={"holder": self.holder, "ttl_s": self.lease_ttl_s}, content=body,
+                              headers={"content-type": "application/octet-stream",
+                                       CONFIG_HEADER: json.dumps(peft_config(config))})
+        answer = response_json(response)
+        if response.is_error:
+            raise wire.error_from(answer, response.status_code)
+        self._note_holdings(answer)
+        self._lease_until[adapter_id] = time.monotonic() + self.lease_ttl_s
+        if response.status_code == 200:  # the agent held it already (another replica loaded it): leased now
+            raise AdapterProblem(f"adapter {adapter_id!r} is already loaded on {self.backend}", adapter_id, "exists")
+
+    async def unload(self, adapter_id: str) -> None:
+        if self.inflight.get(adapter_id):
+            raise AdapterProblem(f"adapter {adapter_id!r} is used by {self.inflight[adapter_id]} request(s) here; "
+                                 "unload refused", adapter_id, "in_use")
+        await self.call("DELETE", f"/v1/adapters/{quote(adapter_id, safe='')}", params={"holder": self.holder})
+        self._lease_until.pop(adapter_id, None)
