@@ -354,7 +354,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=8, help="rounds per target (64 requests at concurrency 8)")
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--adapters", type=int, default=8)
-    ap.add_argument("--single", type=int, default=24, help="requests per target sent one at a time (4 tokens each)")
+    ap.add_argument("--single", type=int, default=96, help="requests per target sent one at a time (4 tokens each)")
     ap.add_argument("--no-litellm", dest="litellm", action="store_false", help="leave LiteLLM's proxy out")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs) afterwards")
     print(json.dumps(main_async(ap.parse_args())))
