@@ -3,12 +3,16 @@ prints) and a real ``tensafe agent`` beside it, as processes the tests and ``ben
 kill and restart."""
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -114,3 +118,24 @@ class AgentProcess:
 
     def client(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, headers={"authorization": f"Bearer {AGENT_TOKEN}"}, timeout=30)
+
+    def clear(self) -> None:
+        """Release every lease and delete every adapter it holds."""
+        with self.client() as c:
+            for a in c.get("/v1/adapters").json()["adapters"]:
+                c.post("/v1/leases", json={"holder": "any", "ttl_s": 0, "adapters": [a["adapter_id"]]})
+                c.delete(f"/v1/adapters/{a['adapter_id']}", params={"holder": "teardown"})
+
+
+@contextlib.contextmanager
+def agent_beside(workdir: Path, server_url: str, **options) -> Iterator[AgentProcess]:
+    """A running agent for the server at ``server_url``, on a fresh directory under /dev/shm;
+    killed and its directory removed afterwards."""
+    shm = Path(tempfile.mkdtemp(prefix="tensafe-test-", dir="/dev/shm"))
+    proc = AgentProcess(workdir, shm, server_url, **options)
+    try:
+        proc.start()
+        yield proc
+    finally:
+        proc.kill()
+        shutil.rmtree(shm, ignore_errors=True)

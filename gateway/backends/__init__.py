@@ -3,7 +3,7 @@ registry (no if/elif on kinds).
 
 A kind says how a pool gets its backends: ``local`` builds the i-th backend in this process
 (the embedded engine, the null backend), ``remote`` the backend at one address (a ``tensafe
-worker``); a pool's ``discovery`` supplies the count or the addresses."""
+worker``, a vLLM or LoRAX server with its agent); a pool's ``discovery`` supplies the count or the addresses."""
 from __future__ import annotations
 
 import dataclasses
@@ -66,6 +66,30 @@ def _vllm(pool: PoolSettings, settings: Settings, url: str) -> Backend:
                        lease_ttl_s=float(o.get("lease_ttl_s", 30.0)))
 
 
+def _lorax(pool: PoolSettings, settings: Settings, url: str) -> Backend:
+    """A LoRAX server at ``url``; its agent at ``options.agent_url`` or on ``options.agent_port``
+    (default 8101) of the same host. Options: ``max_num_seqs`` (requests sent at once; default
+    the gateway's), ``max_active_adapters`` (LoRAX's own setting), ``adapter_root`` (where LoRAX
+    mounts the agent's directory, when not at the agent's path), ``tokenizer`` (the base
+    model's directory, for its chat template; default the gateway's model), ``lease_ttl_s``."""
+    import httpx
+
+    from .lorax import LoraxBackend
+    from .null import model_config_of
+    from .vllm_server import model_path
+
+    o = pool.options
+    parsed = httpx.URL(url)
+    agent_url = o.get("agent_url") or str(parsed.copy_with(port=int(o.get("agent_port", 8101)), path="/"))
+    name = "lorax" if pool.name == "default" else f"{pool.name}-{parsed.host}:{parsed.port or 80}"
+    return LoraxBackend(url, agent_url, name=name, served_model=settings.model_name, tokenizer_dir=str(o.get("tokenizer") or model_path(settings)),
+                        agent_token=pool.token, max_num_seqs=int(o.get("max_num_seqs", settings.max_num_seqs)),
+                        max_queue=settings.max_queue, max_lora_rank=int(o.get("max_lora_rank", settings.max_lora_rank)),
+                        max_active_adapters=int(o.get("max_active_adapters", 0)),
+                        adapter_root=str(o.get("adapter_root", "")), model_config=model_config_of(settings.model),
+                        stream_timeout_s=settings.request_timeout_s, lease_ttl_s=float(o.get("lease_ttl_s", 30.0)))
+
+
 def _local_name(pool: PoolSettings, index: int, kind: str) -> str:
     """The one backend of the default pool keeps its kind's name; others are pool-index."""
     return kind if pool.name == "default" and pool.count == 1 else f"{pool.name}-{index}"
@@ -78,7 +102,7 @@ class Kind:
 
 
 KINDS: dict[str, Kind] = {"embedded": Kind(local=_embedded), "null": Kind(local=_null),
-                          "tensafe": Kind(remote=_tensafe), "vllm": Kind(remote=_vllm)}
+                          "tensafe": Kind(remote=_tensafe), "vllm": Kind(remote=_vllm), "lorax": Kind(remote=_lorax)}
 
 
 def kind_of(pool: PoolSettings) -> Kind:

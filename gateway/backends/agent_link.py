@@ -24,6 +24,7 @@ from adapters.peft import peft_config
 
 from ..periodic import Periodic
 from ..worker import wire
+from .base import Capacity, Health
 from .errors import AdapterProblem, BackendError, BackendOverloaded, BackendUnavailable
 
 log = logging.getLogger("tensafe.gateway")
@@ -200,3 +201,119 @@ class AgentLink:
                                  "unload refused", adapter_id, "in_use")
         await self.call("DELETE", f"/v1/adapters/{quote(adapter_id, safe='')}", params={"holder": self.holder})
         self._lease_until.pop(adapter_id, None)
+
+
+class AgentBacked:
+    """What the backends over a server with an agent beside it (vLLM, LoRAX) share: adapters go
+    through the agent, health is the server's and the agent's, capacity counts the agent's
+    holdings as adapter slots. A subclass sets these attributes and ``KIND``."""
+
+    KIND = "server"
+    CONTROL_CONNECTIONS = 4  # beside the sequence slots: health, metrics, tokenizing
+    name: str
+    url: str
+    served_model: str
+    agent: AgentLink
+    max_num_seqs: int
+    max_lora_rank: int
+    max_model_len: int
+    max_queue: int
+    _http_client: httpx.AsyncClient | None
+    _http_headers: dict[str, str]
+    _timeout: httpx.Timeout
+    _refresher: Periodic
+    _model_config: dict[str, Any] | None
+    _reachable: bool
+    _running: int
+
+    async def _connect(self) -> None:
+        """Read what the server is (its model, its limits) once it can be reached."""
+
+    async def _refresh_state(self) -> None:
+        await self.agent.refresh()
+        self._reachable = True
+
+    async def start(self) -> None:
+        """Connect to the server and its agent (BackendUnavailable when either cannot be reached):
+        one keep-alive pool sized to the sequence slots."""
+        if self._http_client is not None:
+            return
+        limits = httpx.Limits(max_connections=self.max_num_seqs + self.max_queue + self.CONTROL_CONNECTIONS,
+                              max_keepalive_connections=self.max_num_seqs + self.CONTROL_CONNECTIONS)
+        self._http_client = httpx.AsyncClient(base_url=self.url, headers=self._http_headers, timeout=self._timeout,
+                                              limits=limits)
+        self.agent.start()
+        try:
+            await self._connect()
+            await self._refresh_state()
+        except BaseException:
+            await self.close()
+            raise
+        self._refresher.start()
+
+    async def close(self) -> None:
+        await self._refresher.stop()
+        await self.agent.close()
+        client, self._http_client = self._http_client, None
+        if client is not None:
+            await client.aclose()
+        self._reachable = False
+
+    async def _refresh(self) -> None:
+        try:
+            await self._refresh_state()
+        except BackendError as exc:
+            if self._reachable:
+                log.warning("backend %s: %s", self.name, exc)
+            self._reachable = False
+
+    def _http(self) -> httpx.AsyncClient:
+        if self._http_client is None:
+            raise BackendUnavailable(f"backend {self.name!r} is not started")
+        return self._http_client
+
+    def _queued(self) -> int:
+        """Requests the server holds waiting (0: it does not say)."""
+        return 0
+
+    def adapter_layout(self) -> str:
+        return ""
+
+    def prepare_adapter(self, adapter_id: str, tensors: Mapping[str, Any], config: LoraConfig) -> Mapping[str, Any]:
+        if config.rank > self.max_lora_rank:
+            raise AdapterProblem(f"adapter {adapter_id!r}: rank {config.rank} exceeds max_lora_rank "
+                                 f"{self.max_lora_rank} of {self.name}", adapter_id, "rank_too_large")
+        return tensors
+
+    async def load_adapter(self, adapter_id: str, tensors: Mapping[str, Any], config: LoraConfig) -> None:
+        self.prepare_adapter(adapter_id, tensors, config)
+        await self.agent.load(adapter_id, tensors, config)
+
+    async def unload_adapter(self, adapter_id: str) -> None:
+        await self.agent.unload(adapter_id)
+
+    def adapters(self) -> list[str]:
+        return list(self.agent.held)
+
+    async def health(self) -> Health:
+        """The server's own health (503: its engine died) and its agent's; never raises."""
+        if self._http_client is None:
+            return Health(False, self.served_model, self.max_model_len, "not started")
+        try:
+            ok = (await self._http_client.get("/health")).status_code == 200
+            detail = "" if ok else f"{self.KIND} is unhealthy"
+            if ok and not await self.agent.healthy():
+                ok, detail = False, "its agent is not ready"
+        except httpx.HTTPError as exc:
+            ok, detail = False, f"unreachable: {type(exc).__name__}"
+        return Health(ok, self.served_model, self.max_model_len, detail or f"{self.KIND} {self.url}")
+
+    async def model_config(self) -> dict[str, Any] | None:
+        return self._model_config
+
+    def capacity(self) -> Capacity:
+        slots = self.agent.max_adapters
+        if not self._reachable:
+            return Capacity(0, 0, 0, self.max_num_seqs, slots, self.max_lora_rank)
+        return Capacity(max(0, self.max_num_seqs - self._running), max(0, slots - len(self.agent.held)),
+                        self._queued(), self.max_num_seqs, slots, self.max_lora_rank)

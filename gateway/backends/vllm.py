@@ -21,17 +21,15 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from adapters.lora import LoraConfig
-
 from ..periodic import Periodic
-from .agent_link import AgentLink, send
-from .base import EXTENSIONS, BackendChunk, BackendRequest, Capacity, Health, Message, Tokens
+from .agent_link import AgentBacked, AgentLink, send
+from .base import EXTENSIONS, BackendChunk, BackendRequest, Message, Tokens
 from .errors import (
     AdapterProblem,
     BackendError,
@@ -42,7 +40,6 @@ from .errors import (
 )
 
 log = logging.getLogger("tensafe.gateway")
-CONTROL_CONNECTIONS = 4
 _FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
 _PARAMETER = re.compile(r"parameter=(\w+)")
 _VALIDATION = re.compile(r"^(\w+) must be")
@@ -79,7 +76,9 @@ def refusal(response: httpx.Response, model: str) -> BackendError:
     return BackendUnavailable(f"vLLM answered {status}: {message}")
 
 
-class VllmBackend:
+class VllmBackend(AgentBacked):
+    KIND = "vLLM"
+
     def __init__(self, url: str, agent_url: str, *, name: str, served_model: str, api_key: str = "",
                  agent_token: str = "", holder: str | None = None, max_num_seqs: int = 32, max_queue: int = 256,
                  max_lora_rank: int = 16, model_config: dict[str, Any] | None = None, timeout_s: float = 10.0,
@@ -93,10 +92,10 @@ class VllmBackend:
         self.max_queue = max_queue
         self.max_lora_rank = max_lora_rank
         self._model_config = model_config
-        self._api_headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http_headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self._timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s)
         self._stream_timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s, read=stream_timeout_s)
-        self._vllm: httpx.AsyncClient | None = None
+        self._http_client: httpx.AsyncClient | None = None
         self.agent = AgentLink(agent_url, backend=name, token=agent_token, holder=holder, timeout=self._timeout,
                                lease_ttl_s=lease_ttl_s)
         self.agent_url = self.agent.url
@@ -111,42 +110,11 @@ class VllmBackend:
     def __repr__(self) -> str:
         return f"VllmBackend({self.url!r}, agent={self.agent_url!r}, name={self.name!r})"
 
-    # ---- lifecycle ------------------------------------------------------------------------------
-    async def start(self) -> None:
-        """Connect to vLLM and its agent (BackendUnavailable when either cannot be reached)."""
-        if self._vllm is not None:
-            return
-        limits = httpx.Limits(max_connections=self.max_num_seqs + self.max_queue + CONTROL_CONNECTIONS,
-                              max_keepalive_connections=self.max_num_seqs + CONTROL_CONNECTIONS)
-        self._vllm = httpx.AsyncClient(base_url=self.url, headers=self._api_headers, timeout=self._timeout,
-                                       limits=limits)
-        self.agent.start()
-        try:
-            await self._fetch_models()
-            await self._refresh_state()
-        except BaseException:
-            await self.close()
-            raise
-        self._refresher.start()
-
-    async def close(self) -> None:
-        await self._refresher.stop()
-        await self.agent.close()
-        client, self._vllm = self._vllm, None
-        if client is not None:
-            await client.aclose()
-        self._reachable = False
-
-    def _client(self) -> httpx.AsyncClient:
-        if self._vllm is None:
-            raise BackendUnavailable(f"backend {self.name!r} is not started")
-        return self._vllm
-
     async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        return await send(self._client(), self.name, method, path, **kwargs)
+        return await send(self._http(), self.name, method, path, **kwargs)
 
     # ---- state ------------------------------------------------------------------------------------
-    async def _fetch_models(self) -> None:
+    async def _connect(self) -> None:  # the served model and its context length
         response = await self._send("GET", "/v1/models")
         if response.status_code != 200:
             raise refusal(response, self.served_model)
@@ -180,14 +148,6 @@ class VllmBackend:
                     self.lora_running = _names(sample.labels.get("running_lora_adapters", ""))
                     self.lora_waiting = _names(sample.labels.get("waiting_lora_adapters", ""))
 
-    async def _refresh(self) -> None:
-        try:
-            await self._refresh_state()
-        except BackendError as exc:
-            if self._reachable:
-                log.warning("backend %s: %s", self.name, exc)
-            self._reachable = False
-
     # ---- generation -------------------------------------------------------------------------------
     def _body(self, request: BackendRequest) -> tuple[str, dict[str, Any]]:
         s = request.sampling
@@ -209,7 +169,7 @@ class VllmBackend:
         return "/v1/completions", body
 
     async def generate(self, request: BackendRequest) -> AsyncIterator[BackendChunk]:
-        vllm = self._client()
+        vllm = self._http()
         adapter = request.adapter_id
         path, body = self._body(request)
         chat = path == "/v1/chat/completions"
@@ -303,48 +263,8 @@ class VllmBackend:
         except (ValueError, KeyError, TypeError):
             raise BackendUnavailable(f"vLLM at {self.url} sent a text that is not a string") from None
 
-    # ---- adapters -------------------------------------------------------------------------------------
-    def adapter_layout(self) -> str:
-        return ""
-
-    def prepare_adapter(self, adapter_id: str, tensors: Mapping[str, Any], config: LoraConfig) -> Mapping[str, Any]:
-        if config.rank > self.max_lora_rank:
-            raise AdapterProblem(f"adapter {adapter_id!r}: rank {config.rank} exceeds max_lora_rank "
-                                 f"{self.max_lora_rank} of {self.name}", adapter_id, "rank_too_large")
-        return tensors
-
-    async def load_adapter(self, adapter_id: str, tensors: Mapping[str, Any], config: LoraConfig) -> None:
-        self.prepare_adapter(adapter_id, tensors, config)
-        await self.agent.load(adapter_id, tensors, config)
-
-    async def unload_adapter(self, adapter_id: str) -> None:
-        await self.agent.unload(adapter_id)
-
-    def adapters(self) -> list[str]:
-        return list(self.agent.held)
-
-    async def health(self) -> Health:
-        """vLLM's own health (503: its engine died) and its agent's; never raises."""
-        if self._vllm is None:
-            return Health(False, self.served_model, self.max_model_len, "not started")
-        try:
-            ok = (await self._vllm.get("/health")).status_code == 200
-            detail = "" if ok else "vLLM is unhealthy"
-            if ok and not await self.agent.healthy():
-                ok, detail = False, "its agent is not ready"
-        except httpx.HTTPError as exc:
-            ok, detail = False, f"unreachable: {type(exc).__name__}"
-        return Health(ok, self.served_model, self.max_model_len, detail or f"vllm {self.url}")
-
-    async def model_config(self) -> dict[str, Any] | None:
-        return self._model_config
-
-    def capacity(self) -> Capacity:
-        slots = self.agent.max_adapters
-        if not self._reachable:
-            return Capacity(0, 0, 0, self.max_num_seqs, slots, self.max_lora_rank)
-        return Capacity(max(0, self.max_num_seqs - self._running), max(0, slots - len(self.agent.held)),
-                        self._waiting, self.max_num_seqs, slots, self.max_lora_rank)
+    def _queued(self) -> int:
+        return self._waiting
 
 
 def _names(label: str) -> tuple[str, ...]:

@@ -12,7 +12,7 @@ import pytest
 from gateway.backends import BackendRequest, LoraConfig, Sampling
 from gateway.backends.errors import AdapterProblem, BackendOverloaded, BackendUnavailable
 from gateway.backends.vllm import VllmBackend
-from loadtests.vllm_procs import AGENT_TOKEN, AgentProcess
+from loadtests.vllm_procs import AGENT_TOKEN, AgentProcess, agent_beside
 from tests.adapters.builders import SMOLLM2, lora_tensors
 
 from .conftest import BASE
@@ -24,30 +24,15 @@ CONFIG = LoraConfig(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj"))
 
 @pytest.fixture(scope="module")
 def vllm_agent(tmp_path_factory, vllm_server):
-    import shutil
-    import tempfile
-    from pathlib import Path
-
-    shm = Path(tempfile.mkdtemp(prefix="tensafe-test-", dir="/dev/shm"))
-    proc = AgentProcess(tmp_path_factory.mktemp("agent"), shm, vllm_server.url, max_adapters=2)
-    proc.start()
-    yield proc
-    proc.kill()
-    shutil.rmtree(shm, ignore_errors=True)
-
-
-def clear(agent: AgentProcess) -> None:
-    with agent.client() as c:
-        for a in c.get("/v1/adapters").json()["adapters"]:
-            c.post("/v1/leases", json={"holder": "any", "ttl_s": 0, "adapters": [a["adapter_id"]]})
-            c.delete(f"/v1/adapters/{a['adapter_id']}", params={"holder": "teardown"})
+    with agent_beside(tmp_path_factory.mktemp("agent"), vllm_server.url, max_adapters=2) as proc:
+        yield proc
 
 
 @pytest.fixture()
 async def vllm_backend(vllm_server, vllm_agent):
     if vllm_agent.proc is None:
         vllm_agent.start()
-    clear(vllm_agent)
+    vllm_agent.clear()
     b = VllmBackend(vllm_server.url, vllm_agent.url, name="vllm-test", served_model=BASE, agent_token=AGENT_TOKEN,
                     max_num_seqs=vllm_server.settings.vllm.max_num_seqs, max_lora_rank=8, refresh_s=0.1)
     await b.start()
@@ -56,7 +41,7 @@ async def vllm_backend(vllm_server, vllm_agent):
         for adapter_id in b.adapters():  # our own leases do not stop our own unloads
             await b.unload_adapter(adapter_id)
     await b.close()
-    clear(vllm_agent)
+    vllm_agent.clear()
 
 
 class TestVllmBackend(BackendContract):
@@ -105,7 +90,7 @@ async def test_vllm_rereads_the_files_of_an_adapter_its_cpu_cache_dropped(vllm_s
     """vLLM caches 2 adapters in RAM; a third makes it drop one, which it reads again from the
     agent's files when asked for: the outputs stay those of each adapter. (A server has one
     agent: the module's steps aside for one that holds three.)"""
-    clear(vllm_agent)
+    vllm_agent.clear()
     vllm_agent.kill()
     import shutil
     import tempfile
@@ -133,7 +118,7 @@ async def test_vllm_rereads_the_files_of_an_adapter_its_cpu_cache_dropped(vllm_s
         assert first == second and len(set(first)) == 3
     finally:
         await backend.close()
-        clear(wide)
+        wide.clear()
         wide.kill()
         shutil.rmtree(shm, ignore_errors=True)
 
@@ -186,7 +171,7 @@ async def test_a_lease_past_half_its_life_is_renewed_beside_the_request(vllm_ser
     down: the first request is served, the second cannot be."""
     if vllm_agent.proc is None:
         vllm_agent.start()
-    clear(vllm_agent)
+    vllm_agent.clear()
     b = VllmBackend(vllm_server.url, vllm_agent.url, name="vllm-lease", served_model=BASE, agent_token=AGENT_TOKEN,
                     max_num_seqs=4, max_lora_rank=8, lease_ttl_s=3.0)
     await b.start()
@@ -205,4 +190,4 @@ async def test_a_lease_past_half_its_life_is_renewed_beside_the_request(vllm_ser
         await eventually(lambda: b.adapters() == ["leased"], timeout_s=10)
         await b.unload_adapter("leased")
         await b.close()
-        clear(vllm_agent)
+        vllm_agent.clear()
