@@ -12,7 +12,7 @@ VLLM_STAMP := $(VLLM_VENV)/.installed
 LITELLM_VENV  := .venv-litellm
 LITELLM_STAMP := $(LITELLM_VENV)/.installed
 
-.PHONY: install vllm litellm serve test bench clean
+.PHONY: install vllm litellm serve test loadtest bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,5 +49,11 @@ serve: $(STAMP)
 test: $(STAMP) $(VLLM_STAMP)
 	$(PY) -m pytest $(ARGS)
 
+# A bounded headless locust run against a local gateway on the embedded engine; report in
+# .loadtest/ (CSV, HTML, PNG). LOCUST="-u 200 -r 20 -t 120s" for a bigger one.
+LOCUST ?= -u 50 -r 10 -t 60s
+loadtest: $(STAMP)
+	$(PY) -m loadtests.loadtest --out .loadtest $(LOADTEST_ARGS) -- $(LOCUST)
+
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) $(LITELLM_VENV) .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) $(LITELLM_VENV) .pytest_cache .loadtest
