@@ -59,7 +59,8 @@ class Tenant:
     key: str
     adapters: list[str]
     weights: list[float]
-    churn: list[str] = field(default_factory=list)  # uploaded during the run; may be deleted under a user
+    churn: list[str] = field(default_factory=list)  # uploaded during the run and not deleted yet
+    churned: set[str] = field(default_factory=set)  # every one uploaded during the run
     signer: object = None
     recipient: object = None
 
@@ -172,7 +173,7 @@ class TenantUser(HttpUser):
             _report(self.environment, "QUOTA", r.request_meta["name"], r.elapsed.total_seconds() * 1000)
             r.success()
             return False
-        if r.status_code == 404 and body.get("model") in self.tenant.churn:
+        if r.status_code == 404 and body.get("model") in self.tenant.churned:
             r.success()  # deleted by the churn task while this user had it
             return False
         if r.status_code not in expected:
@@ -184,7 +185,7 @@ class TenantUser(HttpUser):
     def _stream(self, path: str, body: dict, name: str) -> None:
         body = {**body, "stream": True, "stream_options": {"include_usage": True}}
         t0 = time.perf_counter()
-        first = last = None
+        first = last = finish = None
         tokens = 0
         with self.client.post(path, json=body, headers=self.headers, name=name, stream=True,
                               catch_response=True) as r:
@@ -202,11 +203,15 @@ class TenantUser(HttpUser):
                 if text:
                     last = time.perf_counter()
                     first = first or last
+                if choices and choices[0].get("finish_reason"):
+                    finish = choices[0]["finish_reason"]
                 if event.get("usage"):
                     tokens = event["usage"]["completion_tokens"]
-            if first is None:
-                r.failure("a stream without a token")
+            if finish is None:
+                r.failure("a stream that ended without its finish reason")
                 return
+            if first is None:
+                return  # the model ended at once (end of sequence): a valid, empty answer
         _report(self.environment, "TTFT", name, (first - t0) * 1000)
         if tokens > 1:
             _report(self.environment, "ITL", name, (last - first) * 1000 / (tokens - 1))
@@ -283,5 +288,6 @@ class TenantUser(HttpUser):
                 r.success()
                 with World.lock:
                     t.churn.append(name)
+                    t.churned.add(name)
             else:
                 r.failure(f"{r.status_code}: {r.text[:200]}")
