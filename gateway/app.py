@@ -239,7 +239,7 @@ class Gateway:
         if s.api_key:
             await ensure_default_tenant_key(self.tenancy, s.api_key)
         if s.dev and s.demo:
-            key, key_file, names = await ensure_demo(self.tenancy, s.data_dir)
+            key, key_file, names = await ensure_demo(self.tenancy, s.data_dir, s.model_name)
             return Bootstrapped(admin_file, key, key_file, names)
         return Bootstrapped(admin_file)
 

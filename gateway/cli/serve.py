@@ -66,6 +66,14 @@ def banner(settings: Settings, boot: Bootstrapped | None) -> str:
         "  print(reply.choices[0].message.content)",
         "",
     ]
+    if {"demo-support", "demo-legal"} <= set(boot.demo_models):
+        lines += [
+            '  # or let the demo expert table pick the adapter (the x-tensafe-adapter header says which):',
+            '  reply = client.chat.completions.with_raw_response.create(',
+            '      model="auto", messages=[{"role": "user", "content": "I forgot my password"}])',
+            '  print(reply.headers["x-tensafe-adapter"], reply.parse().choices[0].message.content)',
+            "",
+        ]
     return "\n".join(lines)
 
 

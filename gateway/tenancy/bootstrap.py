@@ -1,6 +1,7 @@
 """First-start setup: the operator credential, the ``default`` tenant's fixed key from
-settings, and in development mode a demo tenant with a key, a signing key pair and two
-demo adapters packed as TSSP and uploaded through the normal upload path.
+settings, and in development mode a demo tenant with a key, a signing key pair, two demo
+adapters packed as TSSP and uploaded through the normal upload path, and an expert table over
+them, so ``model: "auto"`` works from the first start.
 
 Keys are shown once, so the demo key and the admin key are also written to 0600 files in the
 data directory; the development banner prints them (stdout only, never the logs).
@@ -18,6 +19,7 @@ from adapters.lora import LoraConfig
 from adapters.package import pack
 from adapters.peft import lora_config
 from adapters.validate import lora_tensor_name
+from router import ExpertTable
 
 from .auth import write_secret_file
 from .service import Tenancy
@@ -28,6 +30,26 @@ DEMO_TENANT = "demo"
 #: (name, rank, target modules, seed): small random LoRAs close to identity: they show the upload,
 #: cache and routing path end to end, not a skill
 DEMO_ADAPTERS = (("demo-support", 4, ("q_proj", "v_proj"), 11), ("demo-legal", 8, ("o_proj", "up_proj"), 12))
+
+
+
+
+def demo_experts(base_model: str) -> dict:
+    """The demo tenant's expert table: support questions to demo-support, legal ones to
+    demo-legal, the rest to the base model."""
+    def kw(*words: str) -> list[dict]:
+        return [{"pattern": w, "weight": 2.0} for w in words]
+
+    return ExpertTable.from_dict({"default": "general", "experts": [
+        {"name": "support", "adapter": "demo-support", "description": "Customer support: accounts, orders, refunds.",
+         "keywords": kw("password", "refund", "account", "order"),
+         "examples": ["I forgot my password", "Where is my order?", "How do I get a refund?"]},
+        {"name": "legal", "adapter": "demo-legal", "description": "Contracts, law and legal questions.",
+         "keywords": kw("contract", "legal", "lawyer", "liability"),
+         "examples": ["Is a verbal contract binding?", "What does limited liability mean?"]},
+        {"name": "general", "adapter": base_model, "description": "Everything else.", "keywords": [],
+         "examples": ["What is the capital of France?", "Give me tips for sleeping better"]},
+    ]}).to_dict()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +79,7 @@ async def ensure_default_tenant_key(tenancy: Tenancy, key: str) -> None:
     await tenancy.issue_key(ACTOR, "default", ("tenant", "tenant-admin"), "from settings", key=key)
 
 
-async def ensure_demo(tenancy: Tenancy, data_dir: Path) -> tuple[str, Path, tuple[str, ...]]:
+async def ensure_demo(tenancy: Tenancy, data_dir: Path, model_name: str) -> tuple[str, Path, tuple[str, ...]]:
     key_file = data_dir / "demo-api-key"
     signer_dir = data_dir / "demo-signing-key"
     if await tenancy.store.get_tenant(DEMO_TENANT) is None:
@@ -77,6 +99,8 @@ async def ensure_demo(tenancy: Tenancy, data_dir: Path) -> tuple[str, Path, tupl
                 await tenancy.upload(ACTOR, DEMO_TENANT, data)
         log.info("demo tenant created (key in %s)", key_file)
     names = tuple(a.name for a in await tenancy.store.list_adapters(DEMO_TENANT))
+    if {"demo-support", "demo-legal"} <= set(names) and await tenancy.store.get_experts(DEMO_TENANT) is None:
+        await tenancy.store.put_experts(DEMO_TENANT, demo_experts(model_name))
     return key_file.read_text().strip() if key_file.exists() else "", key_file, names
 
 

@@ -102,6 +102,13 @@ def test_dev_mode_bootstraps_a_demo_tenant_and_prints_an_example(tmp_path):
         reply = client.chat.completions.create(model="demo-support",
                                                messages=[{"role": "user", "content": "sesame 77"}])
         assert reply.usage.completion_tokens == 16
+        # the demo expert table makes model "auto" work from the first start, as the banner shows
+        assert 'model="auto"' in out
+        for prompt, adapter in (("I forgot my password", "demo-support"),
+                                ("Is this contract legal?", "demo-legal")):
+            raw = client.chat.completions.with_raw_response.create(
+                model="auto", messages=[{"role": "user", "content": prompt}])
+            assert raw.headers["x-tensafe-adapter"] == adapter
     finally:
         assert proc.stop() == 0
     logs = "".join(proc.stderr)
