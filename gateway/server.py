@@ -74,6 +74,8 @@ def uvicorn_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Co
         # for anyone passing http="h11": its bound on an incomplete request's headers
         "h11_max_incomplete_event_size": settings.max_header_bytes,
     }
+    if settings.tls_certfile:
+        options.update(ssl_certfile=settings.tls_certfile, ssl_keyfile=settings.tls_keyfile or None)
     return uvicorn.Config(app, **{**options, **overrides})
 
 

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import re
+import ssl
 import tomllib
 import types
 import typing
@@ -142,6 +143,12 @@ class Settings:
     #: how long an idle keep-alive connection stays open; set it above a load balancer's idle
     #: timeout, so the balancer never reuses a connection the gateway is closing
     keep_alive_timeout_s: float = 5.0
+    #: serve HTTPS (the gateway, ``tensafe worker``, ``tensafe agent``): a PEM certificate chain
+    #: and its private key (the key may sit in the certificate file)
+    tls_certfile: str = ""
+    tls_keyfile: str = ""
+    #: the CA bundle that https:// backends and agents are verified against ("": the system's)
+    tls_ca_file: str = ""
     # API behaviour
     model_name: str = DEFAULT_MODEL  # the base model's id in the API
     max_body_bytes: int = 1 << 20  # JSON request bodies
@@ -277,7 +284,18 @@ class Settings:
             if name not in fields:
                 raise SettingsError(name, "unknown setting")
             parsed[name] = _coerce(name, hints[name], raw)
+        for name in ("tls_certfile", "tls_keyfile", "tls_ca_file"):
+            path = parsed.get(name)
+            if path and not Path(path).expanduser().is_file():
+                raise SettingsError(name, f"no such file: {path}")
+        if parsed.get("tls_keyfile") and not parsed.get("tls_certfile"):
+            raise SettingsError("tls_keyfile", "a key without tls_certfile")
         return cls(**parsed)
+
+    def client_tls(self) -> ssl.SSLContext | bool:
+        """What calls to https:// backends and agents verify against (``tls_ca_file``, else the
+        system's CAs)."""
+        return ssl.create_default_context(cafile=self.tls_ca_file) if self.tls_ca_file else True
 
 
 def _vllm_values(raw: Any) -> dict[str, Any]:

@@ -43,7 +43,8 @@ def _tensafe(pool: PoolSettings, settings: Settings, url: str) -> Backend:
     from .remote import RemoteBackend
 
     name = "tensafe" if pool.name == "default" else f"{pool.name}-{url.split('://', 1)[-1].rstrip('/')}"
-    return RemoteBackend(url, pool.token, name=name, stream_timeout_s=settings.request_timeout_s)
+    return RemoteBackend(url, pool.token, name=name, stream_timeout_s=settings.request_timeout_s,
+                         verify=settings.client_tls())
 
 
 def _vllm(pool: PoolSettings, settings: Settings, url: str) -> Backend:
@@ -63,7 +64,7 @@ def _vllm(pool: PoolSettings, settings: Settings, url: str) -> Backend:
                        max_queue=settings.max_queue, max_lora_rank=v.max_lora_rank,
                        model_config=model_config_of(v.model or settings.model),
                        stream_timeout_s=settings.request_timeout_s,
-                       lease_ttl_s=float(o.get("lease_ttl_s", 30.0)))
+                       lease_ttl_s=float(o.get("lease_ttl_s", 30.0)), verify=settings.client_tls())
 
 
 def _lorax(pool: PoolSettings, settings: Settings, url: str) -> Backend:
@@ -87,7 +88,8 @@ def _lorax(pool: PoolSettings, settings: Settings, url: str) -> Backend:
                         max_queue=settings.max_queue, max_lora_rank=int(o.get("max_lora_rank", settings.max_lora_rank)),
                         max_active_adapters=int(o.get("max_active_adapters", 0)),
                         adapter_root=str(o.get("adapter_root", "")), model_config=model_config_of(settings.model),
-                        stream_timeout_s=settings.request_timeout_s, lease_ttl_s=float(o.get("lease_ttl_s", 30.0)))
+                        stream_timeout_s=settings.request_timeout_s, lease_ttl_s=float(o.get("lease_ttl_s", 30.0)),
+                        verify=settings.client_tls())
 
 
 def _local_name(pool: PoolSettings, index: int, kind: str) -> str:

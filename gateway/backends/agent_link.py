@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import socket
+import ssl
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -61,13 +62,14 @@ async def send(client: httpx.AsyncClient, name: str, method: str, path: str, **k
 
 class AgentLink:
     def __init__(self, url: str, *, backend: str, token: str = "", holder: str | None = None,
-                 timeout: httpx.Timeout, lease_ttl_s: float = 30.0) -> None:
+                 timeout: httpx.Timeout, lease_ttl_s: float = 30.0, verify: ssl.SSLContext | bool = True) -> None:
         self.url = str(httpx.URL(url)).rstrip("/")
         self.backend = backend
         self.holder = holder or replica_holder()
         self.lease_ttl_s = lease_ttl_s
         self._headers = {"authorization": f"Bearer {token}"} if token else {}
         self._timeout = timeout
+        self._verify = verify  # for an https:// agent: the CAs it is verified against
         self._client: httpx.AsyncClient | None = None
         self._renewer = Periodic(f"leases-{backend}", lease_ttl_s / 3, self._renew_running)
         self.inflight: collections.Counter[str] = collections.Counter()
@@ -82,7 +84,8 @@ class AgentLink:
 
     def start(self) -> None:
         if self._client is None:
-            self._client = httpx.AsyncClient(base_url=self.url, headers=self._headers, timeout=self._timeout)
+            self._client = httpx.AsyncClient(base_url=self.url, headers=self._headers, timeout=self._timeout,
+                                             verify=self._verify)
             self._renewer.start()
 
     async def close(self) -> None:
@@ -221,6 +224,7 @@ class AgentBacked:
     _http_client: httpx.AsyncClient | None
     _http_headers: dict[str, str]
     _timeout: httpx.Timeout
+    _verify: ssl.SSLContext | bool
     _refresher: Periodic
     _model_config: dict[str, Any] | None
     _reachable: bool
@@ -241,7 +245,7 @@ class AgentBacked:
         limits = httpx.Limits(max_connections=self.max_num_seqs + self.max_queue + self.CONTROL_CONNECTIONS,
                               max_keepalive_connections=self.max_num_seqs + self.CONTROL_CONNECTIONS)
         self._http_client = httpx.AsyncClient(base_url=self.url, headers=self._http_headers, timeout=self._timeout,
-                                              limits=limits)
+                                              limits=limits, verify=self._verify)
         self.agent.start()
         try:
             await self._connect()

@@ -31,6 +31,7 @@ import collections
 import json
 import logging
 import posixpath
+import ssl
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
@@ -100,7 +101,8 @@ class LoraxBackend(AgentBacked):
                  agent_token: str = "", holder: str | None = None, max_num_seqs: int = 32, max_queue: int = 256,
                  max_lora_rank: int = 16, max_active_adapters: int = 0, adapter_root: str = "",
                  model_config: dict[str, Any] | None = None, timeout_s: float = 10.0, connect_timeout_s: float = 2.0,
-                 stream_timeout_s: float = 600.0, refresh_s: float = 0.5, lease_ttl_s: float = 30.0) -> None:
+                 stream_timeout_s: float = 600.0, refresh_s: float = 0.5, lease_ttl_s: float = 30.0,
+                 verify: ssl.SSLContext | bool = True) -> None:
         self.name = name
         self.extensions = EXTENSIONS
         self.url = str(httpx.URL(url)).rstrip("/")
@@ -118,8 +120,9 @@ class LoraxBackend(AgentBacked):
         self._stream_timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s, read=stream_timeout_s)
         self._http_client: httpx.AsyncClient | None = None
         self._http_headers: dict[str, str] = {}
+        self._verify = verify
         self.agent = AgentLink(agent_url, backend=name, token=agent_token, holder=holder, timeout=self._timeout,
-                               lease_ttl_s=lease_ttl_s)
+                               lease_ttl_s=lease_ttl_s, verify=verify)
         self.agent_url = self.agent.url
         self._refresher = Periodic(f"refresh-{name}", refresh_s, self._refresh)
         self._running = 0  # streams open to LoRAX (past max_num_seqs: queued there)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import quote
@@ -51,7 +52,8 @@ def _body(response: httpx.Response) -> Any:
 
 class RemoteBackend:
     def __init__(self, url: str, token: str, *, name: str, timeout_s: float = 10.0, connect_timeout_s: float = 2.0,
-                 stream_timeout_s: float = 600.0, refresh_s: float = 0.5) -> None:
+                 stream_timeout_s: float = 600.0, refresh_s: float = 0.5,
+                 verify: ssl.SSLContext | bool = True) -> None:
         """``timeout_s`` bounds each control call (and each write of a body); a generation may
         wait ``stream_timeout_s`` for each chunk, the first included (it may queue that long)."""
         self.name = name
@@ -61,6 +63,7 @@ class RemoteBackend:
         self._timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s)
         self._stream_timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s, read=stream_timeout_s)
         self._client: httpx.AsyncClient | None = None
+        self._verify = verify  # for an https:// worker: the CAs it is verified against
         self._refresher = Periodic(f"refresh-{name}", refresh_s, self._refresh)
         self._aborts: set[asyncio.Task] = set()
         self._capacity = Capacity(0, 0, 0, 0, 0)
@@ -83,13 +86,14 @@ class RemoteBackend:
         reached), then open the connection pool sized to them and start the refresh."""
         if self._client is not None:
             return
-        async with httpx.AsyncClient(base_url=self.url, headers=self._headers, timeout=self._timeout) as probe:
+        async with httpx.AsyncClient(base_url=self.url, headers=self._headers, timeout=self._timeout,
+                                     verify=self._verify) as probe:
             info = await self._fetch_capacity(probe)
         slots = info.max_sequence_slots
         limits = httpx.Limits(max_connections=slots + self.max_queue + CONTROL_CONNECTIONS,
                               max_keepalive_connections=slots + CONTROL_CONNECTIONS)
         self._client = httpx.AsyncClient(base_url=self.url, headers=self._headers, timeout=self._timeout,
-                                         limits=limits)
+                                         limits=limits, verify=self._verify)
         health = await self.health()
         self.model = health.model
         self._refresher.start()

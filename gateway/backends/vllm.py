@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import ssl
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -83,7 +84,7 @@ class VllmBackend(AgentBacked):
                  agent_token: str = "", holder: str | None = None, max_num_seqs: int = 32, max_queue: int = 256,
                  max_lora_rank: int = 16, model_config: dict[str, Any] | None = None, timeout_s: float = 10.0,
                  connect_timeout_s: float = 2.0, stream_timeout_s: float = 600.0, refresh_s: float = 0.5,
-                 lease_ttl_s: float = 30.0) -> None:
+                 lease_ttl_s: float = 30.0, verify: ssl.SSLContext | bool = True) -> None:
         self.name = name
         self.extensions = EXTENSIONS  # vLLM's own names for them, passed through
         self.url = str(httpx.URL(url)).rstrip("/")
@@ -96,8 +97,9 @@ class VllmBackend(AgentBacked):
         self._timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s)
         self._stream_timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s, read=stream_timeout_s)
         self._http_client: httpx.AsyncClient | None = None
+        self._verify = verify
         self.agent = AgentLink(agent_url, backend=name, token=agent_token, holder=holder, timeout=self._timeout,
-                               lease_ttl_s=lease_ttl_s)
+                               lease_ttl_s=lease_ttl_s, verify=verify)
         self.agent_url = self.agent.url
         self._refresher = Periodic(f"refresh-{name}", refresh_s, self._refresh)
         self._running = self._waiting = 0
