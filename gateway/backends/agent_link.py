@@ -26,7 +26,8 @@ from adapters.peft import peft_config
 from ..periodic import Periodic
 from ..worker import wire
 from .base import Capacity, Health
-from .errors import AdapterProblem, BackendError, BackendOverloaded, BackendUnavailable
+from .calls import pool_limits, response_json, send, serialise
+from .errors import AdapterProblem, BackendError, BackendUnavailable
 
 log = logging.getLogger("tensafe.gateway")
 CONFIG_HEADER = "x-tensafe-peft-config"
@@ -35,29 +36,6 @@ CONFIG_HEADER = "x-tensafe-peft-config"
 def replica_holder() -> str:
     """This gateway process's name on the agents' leases."""
     return f"{socket.gethostname()[:64]}-{os.getpid()}-{os.urandom(4).hex()}"
-
-
-def _serialise(tensors: Mapping[str, Any]) -> bytes:
-    from safetensors.torch import save
-
-    return save({name: t.detach().cpu().contiguous() for name, t in tensors.items()})
-
-
-def response_json(response: httpx.Response) -> Any:
-    try:
-        return response.json()
-    except ValueError:
-        return None
-
-
-async def send(client: httpx.AsyncClient, name: str, method: str, path: str, **kwargs: Any) -> httpx.Response:
-    """One call of backend ``name``: a full pool is overload, a transport failure unavailability."""
-    try:
-        return await client.request(method, path, **kwargs)
-    except httpx.PoolTimeout:
-        raise BackendOverloaded(f"all connections of backend {name!r} are busy") from None
-    except httpx.HTTPError as exc:
-        raise BackendUnavailable(f"{client.base_url} unreachable: {type(exc).__name__}") from None
 
 
 class AgentLink:
@@ -102,7 +80,7 @@ class AgentLink:
         return self._client
 
     async def call(self, method: str, path: str, **kwargs: Any) -> Any:
-        response = await send(self._agent(), self.backend, method, path, **kwargs)
+        response = await send(self._agent(), f"agent {self.url}", method, path, **kwargs)
         body = response_json(response)
         if response.is_error:
             raise wire.error_from(body, response.status_code)
@@ -185,8 +163,8 @@ class AgentLink:
 
     # ---- adapters -------------------------------------------------------------------------------
     async def load(self, adapter_id: str, tensors: Mapping[str, Any], config: LoraConfig) -> None:
-        body = await asyncio.to_thread(_serialise, tensors)
-        response = await send(self._agent(), self.backend, "PUT", f"/v1/adapters/{quote(adapter_id, safe='')}",
+        body = await asyncio.to_thread(serialise, tensors)
+        response = await send(self._agent(), f"agent {self.url}", "PUT", f"/v1/adapters/{quote(adapter_id, safe='')}",
                               params={"holder": self.holder, "ttl_s": self.lease_ttl_s}, content=body,
                               headers={"content-type": "application/octet-stream",
                                        CONFIG_HEADER: json.dumps(peft_config(config))})
@@ -212,7 +190,6 @@ class AgentBacked:
     holdings as adapter slots. A subclass sets these attributes and ``KIND``."""
 
     KIND = "server"
-    CONTROL_CONNECTIONS = 4  # beside the sequence slots: health, metrics, tokenizing
     name: str
     url: str
     served_model: str
@@ -242,10 +219,9 @@ class AgentBacked:
         one keep-alive pool sized to the sequence slots."""
         if self._http_client is not None:
             return
-        limits = httpx.Limits(max_connections=self.max_num_seqs + self.max_queue + self.CONTROL_CONNECTIONS,
-                              max_keepalive_connections=self.max_num_seqs + self.CONTROL_CONNECTIONS)
         self._http_client = httpx.AsyncClient(base_url=self.url, headers=self._http_headers, timeout=self._timeout,
-                                              limits=limits, verify=self._verify)
+                                              limits=pool_limits(self.max_num_seqs, self.max_queue),
+                                              verify=self._verify)
         self.agent.start()
         try:
             await self._connect()
@@ -275,6 +251,9 @@ class AgentBacked:
         if self._http_client is None:
             raise BackendUnavailable(f"backend {self.name!r} is not started")
         return self._http_client
+
+    async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        return await send(self._http(), f"{self.KIND} at {self.url}", method, path, **kwargs)
 
     def _queued(self) -> int:
         """Requests the server holds waiting (0: it does not say)."""

@@ -38,8 +38,9 @@ from typing import Any
 import httpx
 
 from ..periodic import Periodic
-from .agent_link import AgentBacked, AgentLink, response_json, send
+from .agent_link import AgentBacked, AgentLink
 from .base import BackendChunk, BackendRequest, Message, Tokens
+from .calls import response_json
 from .errors import AdapterProblem, BackendError, BackendOverloaded, BackendUnavailable, BadRequest, ContextTooLong
 
 log = logging.getLogger("tensafe.gateway")
@@ -137,7 +138,7 @@ class LoraxBackend(AgentBacked):
     # ---- state ------------------------------------------------------------------------------------
     async def _connect(self) -> None:
         await self.template.load()
-        response = await send(self._http(), self.name, "GET", "/info")
+        response = await self._send("GET", "/info")
         info = response_json(response)
         if response.status_code != 200 or not isinstance(info, dict):
             raise BackendUnavailable(f"LoRAX at {self.url} answered {response.status_code} for /info")
@@ -147,6 +148,11 @@ class LoraxBackend(AgentBacked):
             self.max_num_seqs = min(self.max_num_seqs, int(info.get("max_concurrent_requests") or self.max_num_seqs))
         except (KeyError, TypeError, ValueError):
             raise BackendUnavailable(f"LoRAX at {self.url} sent an /info that is not LoRAX's") from None
+
+    async def _refresh_state(self) -> None:
+        await super()._refresh_state()
+        for gone in [a for a in self._active if a not in self.agent.paths]:  # the agent let it go
+            del self._active[gone]
 
     # ---- generation -------------------------------------------------------------------------------
     def _inputs(self, request: BackendRequest) -> str:

@@ -24,31 +24,16 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
-from safetensors.torch import save as save_safetensors
 
 from adapters.lora import LoraConfig
 
 from ..periodic import Periodic
 from ..worker import wire
 from .base import EXTENSIONS, BackendChunk, BackendRequest, Capacity, Health, Message, Tokens
-from .errors import AdapterProblem, BackendError, BackendOverloaded, BackendUnavailable
+from .calls import pool_limits, response_json, serialise, transport_error
+from .errors import AdapterProblem, BackendError, BackendUnavailable
 
 log = logging.getLogger("tensafe.gateway")
-
-#: connections beyond the generation streams: capacity refreshes, adapter calls, aborts
-CONTROL_CONNECTIONS = 4
-
-
-def _serialise(tensors: Mapping[str, Any]) -> bytes:
-    return save_safetensors({name: t.detach().cpu().contiguous() for name, t in tensors.items()})
-
-
-def _body(response: httpx.Response) -> Any:
-    try:
-        return response.json()
-    except ValueError:
-        return None
-
 
 class RemoteBackend:
     def __init__(self, url: str, token: str, *, name: str, timeout_s: float = 10.0, connect_timeout_s: float = 2.0,
@@ -90,8 +75,7 @@ class RemoteBackend:
                                      verify=self._verify) as probe:
             info = await self._fetch_capacity(probe)
         slots = info.max_sequence_slots
-        limits = httpx.Limits(max_connections=slots + self.max_queue + CONTROL_CONNECTIONS,
-                              max_keepalive_connections=slots + CONTROL_CONNECTIONS)
+        limits = pool_limits(slots, self.max_queue)
         self._client = httpx.AsyncClient(base_url=self.url, headers=self._headers, timeout=self._timeout,
                                          limits=limits, verify=self._verify)
         health = await self.health()
@@ -117,9 +101,7 @@ class RemoteBackend:
         return self._client
 
     def _failed(self, exc: httpx.HTTPError) -> BackendError:
-        if isinstance(exc, httpx.PoolTimeout):
-            return BackendOverloaded(f"all connections to worker {self.url} are busy")
-        return BackendUnavailable(f"worker {self.url} unreachable: {type(exc).__name__}")
+        return transport_error(exc, f"worker {self.url}")
 
     # ---- the snapshot -----------------------------------------------------------------------
     def _noted(self, response: httpx.Response) -> tuple[str, int] | None:
@@ -143,7 +125,7 @@ class RemoteBackend:
 
     async def _fetch_capacity(self, client: httpx.AsyncClient) -> Capacity:
         response = await self._send(client, "GET", "/v1/capacity")
-        body = _body(response)
+        body = response_json(response)
         try:
             capacity = wire.capacity_from(body)
             self.max_queue, self.max_lora_rank = int(body["max_queue"]), int(body["max_lora_rank"])
@@ -174,7 +156,7 @@ class RemoteBackend:
             raise self._failed(exc) from None
         self._noted(response)
         if response.is_error:
-            raise wire.error_from(_body(response), response.status_code)
+            raise wire.error_from(response_json(response), response.status_code)
         return response
 
     # ---- generation ---------------------------------------------------------------------------
@@ -187,7 +169,7 @@ class RemoteBackend:
                 self._noted(response)
                 if response.status_code != 200:
                     await response.aread()
-                    raise wire.error_from(_body(response), response.status_code)
+                    raise wire.error_from(response_json(response), response.status_code)
                 finished = False
                 # read to the end of the body (past the last chunk), so the connection is reused
                 async for line in response.aiter_lines():
@@ -230,12 +212,12 @@ class RemoteBackend:
         body = wire.tokenize_body(prompt, messages, add_special_tokens, add_generation_prompt, with_strings)
         response = await self._send(self._http(), "POST", "/v1/tokenize", content=body,
                                     headers={"content-type": "application/json"})
-        return wire.tokens_from(_body(response))
+        return wire.tokens_from(response_json(response))
 
     async def detokenize(self, ids: Sequence[int]) -> str:
         response = await self._send(self._http(), "POST", "/v1/detokenize", content=wire.dumps({"tokens": list(ids)}),
                                     headers={"content-type": "application/json"})
-        body = _body(response)
+        body = response_json(response)
         text = body.get("prompt") if isinstance(body, dict) else None
         if not isinstance(text, str):
             raise BackendUnavailable(f"worker {self.url} sent a detokenized text that is not a string")
@@ -254,18 +236,18 @@ class RemoteBackend:
 
     async def load_adapter(self, adapter_id: str, tensors: Mapping[str, Any], config: LoraConfig) -> None:
         self.prepare_adapter(adapter_id, tensors, config)
-        body = await asyncio.to_thread(_serialise, tensors)
+        body = await asyncio.to_thread(serialise, tensors)
         if len(body) > self.max_adapter_bytes:
             raise AdapterProblem(f"adapter {adapter_id!r}: {len(body)} bytes exceed worker_max_adapter_bytes "
                                  f"{self.max_adapter_bytes} of worker {self.url}", adapter_id, "invalid")
         response = await self._send(self._http(), "PUT", f"/v1/adapters/{quote(adapter_id, safe='')}", content=body,
                                     headers={"content-type": "application/octet-stream",
                                              wire.LORA_HEADER: wire.lora_header(config)})
-        self._note_adapters(self._noted(response), (_body(response) or {}).get("adapters"))
+        self._note_adapters(self._noted(response), (response_json(response) or {}).get("adapters"))
 
     async def unload_adapter(self, adapter_id: str) -> None:
         response = await self._send(self._http(), "DELETE", f"/v1/adapters/{quote(adapter_id, safe='')}")
-        self._note_adapters(self._noted(response), (_body(response) or {}).get("adapters"))
+        self._note_adapters(self._noted(response), (response_json(response) or {}).get("adapters"))
 
     def adapters(self) -> list[str]:
         return list(self._adapters)
@@ -281,7 +263,7 @@ class RemoteBackend:
             return Health(ok=False, model=self.model, max_model_len=self.max_model_len,
                           detail=str(self._failed(exc)))
         self._noted(response)
-        body = _body(response)
+        body = response_json(response)
         if not isinstance(body, dict):
             return Health(ok=False, model=self.model, max_model_len=self.max_model_len,
                           detail=f"worker {self.url} answered {response.status_code}")
@@ -289,7 +271,7 @@ class RemoteBackend:
                       max_model_len=int(body.get("max_model_len") or 0), detail=str(body.get("detail", "")))
 
     async def model_config(self) -> dict[str, Any] | None:
-        config = _body(await self._send(self._http(), "GET", "/v1/model-config"))
+        config = response_json(await self._send(self._http(), "GET", "/v1/model-config"))
         return config if isinstance(config, dict) else None
 
     def capacity(self) -> Capacity:

@@ -29,7 +29,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from ..periodic import Periodic
-from .agent_link import AgentBacked, AgentLink, send
+from .agent_link import AgentBacked, AgentLink
 from .base import EXTENSIONS, BackendChunk, BackendRequest, Message, Tokens
 from .errors import (
     AdapterProblem,
@@ -111,9 +111,6 @@ class VllmBackend(AgentBacked):
 
     def __repr__(self) -> str:
         return f"VllmBackend({self.url!r}, agent={self.agent_url!r}, name={self.name!r})"
-
-    async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        return await send(self._http(), self.name, method, path, **kwargs)
 
     # ---- state ------------------------------------------------------------------------------------
     async def _connect(self) -> None:  # the served model and its context length

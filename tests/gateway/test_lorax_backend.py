@@ -187,4 +187,19 @@ def test_the_gateway_over_a_lorax_pool(tmp_path, lorax_server, lorax_agent, adap
             client.chat.completions.create(model="support", messages=[{"role": "user", "content": "Hello"}],
                                            max_tokens=5, extra_body={"min_tokens": 2})
         assert exc.value.body["param"] == "min_tokens"
-    lorax_agent.clear()
+    lorax_agent.kill()  # the gateway's lease outlives it: a restarted agent (LoRAX mode) starts empty
+    lorax_agent.start()
+
+
+async def test_active_adapters_are_the_most_recently_used_ones_held(lorax_backend):
+    tensors = lora_tensors(SMOLLM2, 4, ("q_proj", "v_proj"), seed=15)
+    for name in ("one", "two"):
+        await lorax_backend.load_adapter(name, tensors, CONFIG)
+    for name in ("one", "two", "one"):
+        await collect(lorax_backend, request(f"use-{name}", 1, adapter=name))
+    assert lorax_backend.active_adapters == ("two", "one")
+    lorax_backend.max_active_adapters = 1
+    assert lorax_backend.active_adapters == ("one",)
+    await lorax_backend.unload_adapter("one")
+    lorax_backend.max_active_adapters = 2
+    assert lorax_backend.active_adapters == ("two",)
