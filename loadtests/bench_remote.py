@@ -55,8 +55,8 @@ from engine.config import DEFAULT_MODEL, default_cache_dir
 from engine.model.checkpoint import resolve_checkpoint
 
 from .bench_cache import peft_dir
-from .bench_gateway import Connection, pct
-from .vllm_procs import AGENT_TOKEN, ROOT, AgentProcess, VllmServer, free_port, wait_http
+from .bench_gateway import Connection, free_port, pct
+from .vllm_procs import AGENT_TOKEN, ROOT, AgentProcess, VllmServer, wait_http
 
 MODEL = "smollm2-135m-instruct"
 ADMIN = "tsk-bench-remote-admin"

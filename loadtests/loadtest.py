@@ -13,35 +13,16 @@ import csv
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from .bench_gateway import free_port
+from .vllm_procs import ROOT, wait_http
 
 
-def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 300) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the gateway exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/ready", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.25)
-    raise SystemExit("the gateway was not ready in time")
+def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 300, log: Path | None = None) -> None:
+    wait_http(url + "/ready", proc, timeout_s, log)
 
 
 def chart(history: Path, png: Path) -> None:
@@ -92,7 +73,7 @@ def main() -> None:
                                    cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                    env={**os.environ, "TENSAFE_ADMIN_KEY": admin})
     try:
-        wait_ready(url, gateway)
+        wait_ready(url, gateway, log=out / "gateway.log")
         run = subprocess.run([sys.executable, "-m", "locust", "-f", str(ROOT / "loadtests" / "locustfile.py"),
                               "--host", url, "--headless", "--csv", str(out / "run"), "--csv-full-history",
                               "--html", str(out / "run.html"), "--only-summary", *locust_args],

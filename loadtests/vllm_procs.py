@@ -7,7 +7,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,29 +19,30 @@ import httpx
 from gateway.backends.vllm_server import vllm_command
 from gateway.settings import Settings
 
+from .bench_gateway import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = Path(os.environ.get("TENSAFE_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
 AGENT_TOKEN = "agent-token-0123456789"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def wait_http(url: str, proc: subprocess.Popen, timeout_s: float, log: Path | None = None) -> None:
+    """Wait until ``url`` answers 200 (RuntimeError, with the end of ``log``, if ``proc`` exits
+    or time runs out)."""
+    def tail() -> str:
+        return log.read_text()[-4000:] if log is not None and log.is_file() else ""
 
-
-def wait_http(url: str, proc: subprocess.Popen, timeout_s: float, log: Path) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{url} exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+            raise RuntimeError(f"{url} exited with {proc.returncode}:\n{tail()}")
         try:
             if httpx.get(url, timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.25)
-    raise RuntimeError(f"{url} not ready in {timeout_s} s:\n{log.read_text()[-4000:]}")
+    raise RuntimeError(f"{url} not ready in {timeout_s} s:\n{tail()}")
 
 
 class VllmServer:

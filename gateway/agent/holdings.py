@@ -186,8 +186,9 @@ class Holdings:
     async def reconcile(self) -> None:
         """Make our files and vLLM's registrations agree (BackendUnavailable while vLLM is down)."""
         async with self._lock:
-            registered = await self.server.registered()
-            if not self.server.lists_adapters:  # LoRAX: what we hold is all there is
+            if self.server.lists_adapters:
+                registered = await self.server.registered()
+            else:  # LoRAX: what we hold is all there is
                 registered = {h.adapter_id: str(h.path) for h in self._held.values()}
             on_disk = await asyncio.to_thread(self._scan)
             for adapter_id, root in registered.items():

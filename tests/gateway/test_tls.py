@@ -23,7 +23,8 @@ from cryptography.x509.oid import NameOID
 from gateway.backends.agent_link import AgentLink
 from gateway.backends.errors import BackendUnavailable
 from gateway.settings import Settings, SettingsError
-from loadtests.vllm_procs import AGENT_TOKEN, ROOT, free_port
+from loadtests.bench_gateway import free_port
+from loadtests.vllm_procs import AGENT_TOKEN, ROOT
 
 pytestmark = pytest.mark.slow
 
