@@ -12,7 +12,7 @@ VLLM_STAMP := $(VLLM_VENV)/.installed
 LITELLM_VENV  := .venv-litellm
 LITELLM_STAMP := $(LITELLM_VENV)/.installed
 
-.PHONY: install vllm litellm serve test loadtest bench clean
+.PHONY: install vllm litellm serve test loadtest bench proto clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -54,6 +54,10 @@ test: $(STAMP) $(VLLM_STAMP)
 LOCUST ?= -u 50 -r 10 -t 60s
 loadtest: $(STAMP)
 	$(PY) -m loadtests.loadtest --out .loadtest $(LOADTEST_ARGS) -- $(LOCUST)
+
+# The KEDA external scaler's gRPC stubs, from KEDA's proto (committed; a test checks they match).
+proto: $(STAMP)
+	$(PY) -m grpc_tools.protoc -Iscaler=scaler --python_out=. --grpc_python_out=. scaler/externalscaler.proto
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) $(LITELLM_VENV) .pytest_cache .loadtest
