@@ -19,7 +19,7 @@ from typing import Protocol
 import httpx
 
 from .exposition import parse
-from .window import FleetWatch, PoolState
+from .window import Capacity, FleetWatch, PoolState
 
 log = logging.getLogger("tensafe.scaler")
 Resolver = Callable[[str, int], Awaitable[list[str]]]
@@ -149,6 +149,8 @@ class PromSource:
         self.interval_s = interval_s
         self.client = httpx.AsyncClient(timeout=timeout_s, headers=headers or {}, verify=verify)
         self.rounds = Rounds()
+        self.capacity = Capacity()
+        self.clock = time.monotonic
         self._task: asyncio.Task[None] | None = None
 
     async def query(self, promql: str) -> float | None:
@@ -169,16 +171,20 @@ class PromSource:
         """``idle_s`` is 0 when a request was measured within ``recent_s``, else infinite."""
         sel = f'pool="{pool}"'
         w = f"{max(1, round(window_s))}s"
+        ready = f"(count(max by (backend) (tensafe_backend_up{{{sel}}}) == 1) or vector(0))"
+        backlog = f"(sum(tensafe_queue_depth{{{sel}}}) or vector(0)) + (sum(tensafe_held_requests{{{sel}}}) or vector(0))"
         queries = {
             "q": f"histogram_quantile({quantile}, sum by (le) (increase(tensafe_ttft_seconds_bucket{{{sel}}}[{w}])))",
             "n": f"sum(increase(tensafe_ttft_seconds_count{{{sel}}}[{w}]))",
             "running": f"sum(tensafe_running{{{sel}}})",
             "queued": f"sum(tensafe_queue_depth{{{sel}}})",
             "held": f"sum(tensafe_held_requests{{{sel}}})",
-            "mean": f"sum(avg_over_time(tensafe_running{{{sel}}}[{w}])) + sum(avg_over_time("
-                    f"tensafe_queue_depth{{{sel}}}[{w}])) + (sum(avg_over_time(tensafe_held_requests{{{sel}}}[{w}]))"
-                    " or vector(0))",
-            "ready": f"count(max by (backend) (tensafe_backend_up{{{sel}}}) == 1)",
+            "running_mean": f"sum(avg_over_time(tensafe_running{{{sel}}}[{w}]))",
+            "mean": f"avg_over_time(((sum(tensafe_running{{{sel}}}) or vector(0)) + {backlog})[{w}:])",
+            "growth": f"deriv(({backlog})[{w}:])",
+            "ready": ready,
+            "ready_mean": f"avg_over_time({ready}[{w}:])",
+            "ready_min": f"min_over_time({ready}[{w}:])",
             "starting": f'max(tensafe_pool_backends{{{sel},state="starting"}})',
             "slots": f"quantile(0.5, max by (backend) (tensafe_backend_max_sequence_slots and on (backend) "
                      f"tensafe_backend_up{{{sel}}}))",
@@ -186,14 +192,16 @@ class PromSource:
         }
         names = list(queries)
         values = dict(zip(names, await asyncio.gather(*(self.query(queries[k]) for k in names)), strict=True))
-        running, queued, held = (values[k] or 0.0 for k in ("running", "queued", "held"))
-        in_flight = running + queued + held
-        n = values["n"] or 0.0
-        idle = 0.0 if (values["recent"] or 0.0) > 0 or n > 0 else math.inf
-        return PoolState(ttft_quantile_s=values["q"] if n > 0 else None, requests=n, in_flight=in_flight,
-                         in_flight_mean=values["mean"] or 0.0, queued=queued, held=held,
-                         ready=int(values["ready"] or 0), starting=int(values["starting"] or 0),
-                         slots=values["slots"] or 0.0, idle_s=0.0 if in_flight > 0 else idle)
+        v = {k: x or 0.0 for k, x in values.items()}
+        in_flight = v["running"] + v["queued"] + v["held"]
+        idle = 0.0 if v["recent"] > 0 or v["n"] > 0 or in_flight > 0 else math.inf
+        state = PoolState(
+            ttft_quantile_s=values["q"] if v["n"] > 0 else None, requests=v["n"], throughput=v["n"] / window_s,
+            in_flight=in_flight, in_flight_mean=v["mean"], running_mean=v["running_mean"], queued=v["queued"],
+            held=v["held"], backlog_growth=v["growth"], ready=int(v["ready"]), ready_mean=v["ready_mean"],
+            ready_min=int(v["ready_min"]), starting=int(v["starting"]), slots=v["slots"], idle_s=idle)
+        self.capacity.learn(pool, self.clock(), state)
+        return state
 
     async def _loop(self) -> None:
         while True:
