@@ -38,9 +38,10 @@ from .serving.breaker import Breaker
 from .serving.completions import CompletionService
 from .serving.discovery import PoolDiscovery, Resolver, resolve_host
 from .serving.fleet import Fleet
+from .serving.hold import HoldLimits
 from .serving.names import ModelNames
 from .serving.tokenizing import TokenizerService
-from .settings import Settings, SettingsError
+from .settings import PoolSettings, Settings, SettingsError
 from .store import StoreUnavailable, open_store
 from .store.health import StoreHealth
 from .store.outage import redis_client
@@ -83,10 +84,14 @@ class Gateway:
                         for p in pools if p.discovery == "static"}
         if settings.queue_policy not in ("fair", "fcfs"):
             raise SettingsError("queue_policy", f"{settings.queue_policy!r} is not fair or fcfs")
+        for name in ("hold_max_requests", "hold_timeout_s"):
+            if getattr(settings, name) < 0:
+                raise SettingsError(name, "must be at least 0")
         self.fleet = Fleet(policy=settings.dispatch, refresh_s=settings.fleet_refresh_s, queue_limit=settings.max_queue,
                            breaker=lambda: Breaker(settings.breaker_failures, settings.breaker_cooldown_s),
                            health_timeout_s=settings.health_timeout_s, fair=settings.queue_policy == "fair",
-                           output_weight=settings.fair_output_weight)
+                           output_weight=settings.fair_output_weight, holds={p.name: hold_limits(p, settings)
+                                                                             for p in pools})
         self.discovery = [PoolDiscovery(p, settings, self.fleet, joining=self._joining, resolver=resolver,
                                         backends=self._static.get(p.name)) for p in pools]
         self._fleet_checks = Periodic("fleet-health", settings.health_interval_s, self._check_fleet)
@@ -111,7 +116,8 @@ class Gateway:
         self.cache: AdapterCache | None = None  # made once the backend has said what model it serves
         self.metrics = Metrics(top_tenants=settings.metrics_top_tenants)
         self.metrics.add_collector(CacheCollector(lambda: self.cache.stats() if self.cache is not None else None))
-        self.metrics.add_collector(FleetCollector(lambda: list(self.fleet.members.values())))
+        self.metrics.add_collector(FleetCollector(lambda: list(self.fleet.members.values()),
+                                                  held=lambda: self.fleet.holds.held))
         self.metrics.add_collector(StoreCollector(self.store_health))
         self.tenancy: Tenancy | None = None
         self.completions: CompletionService | None = None
@@ -261,6 +267,14 @@ class Gateway:
         if self.oidc is not None:
             await self.oidc.close()
         await self.store.close()
+
+
+def hold_limits(pool: PoolSettings, settings: Settings) -> HoldLimits:
+    """How many requests ``pool`` holds while none of its backends is ready, and how long:
+    its own settings, else the gateway's."""
+    return HoldLimits(
+        max_requests=settings.hold_max_requests if pool.hold_max_requests is None else pool.hold_max_requests,
+        timeout_s=settings.hold_timeout_s if pool.hold_timeout_s is None else pool.hold_timeout_s)
 
 
 def _oidc(settings: Settings) -> "OidcVerifier | None":

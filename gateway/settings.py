@@ -34,7 +34,9 @@ class PoolSettings:
     ``discovery``: ``static``, one per entry of ``urls`` (in-process kinds: ``count`` of them),
     or ``dns``, every address ``dns_name`` resolves to (a headless Service), re-resolved every
     ``dns_interval_s``, so replicas that come and go join and leave the pool. ``token`` is the
-    credential remote backends are called with; ``options`` are the kind's own settings."""
+    credential remote backends are called with; ``options`` are the kind's own settings.
+    ``hold_max_requests`` and ``hold_timeout_s`` replace the gateway's settings of those names
+    for this pool (None: the gateway's)."""
 
     name: str
     kind: str = "embedded"
@@ -47,6 +49,8 @@ class PoolSettings:
     dns_interval_s: float = 5.0
     token: str = dataclasses.field(default="", repr=False)
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    hold_max_requests: int | None = None
+    hold_timeout_s: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _POOL_NAME.match(self.name):
@@ -57,6 +61,10 @@ class PoolSettings:
             raise ValueError(f"pool {self.name}: dns discovery needs dns_name")
         if self.count < 1:
             raise ValueError(f"pool {self.name}: count must be at least 1")
+        for bound in ("hold_max_requests", "hold_timeout_s"):
+            value = getattr(self, bound)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value < 0):
+                raise ValueError(f"pool {self.name}: {bound} must be a number, at least 0")
         object.__setattr__(self, "urls", tuple(self.urls))
         object.__setattr__(self, "options", dict(self.options))
 
@@ -207,6 +215,12 @@ class Settings:
     health_timeout_s: float = 2.0
     breaker_failures: int = 3  # failures in a row that open a backend's circuit breaker
     breaker_cooldown_s: float = 5.0  # before one probe request may try it again
+    #: while no backend is ready to serve a request (its pool scaled to zero, its backends
+    #: starting, down or drained), the request waits for one: at most this many wait per pool
+    #: (the next gets 503 no_backend at once), each at most hold_timeout_s (then 503); either 0:
+    #: no waiting. A pool's own hold_max_requests and hold_timeout_s replace these
+    hold_max_requests: int = 256
+    hold_timeout_s: float = 60.0
     model: str = DEFAULT_MODEL  # engine model name or a checkpoint directory
     model_cache: Path | None = None  # converted checkpoints; default: the engine's (TENSAFE_MODEL_CACHE or ~/.cache)
     device: str = "auto"

@@ -12,14 +12,16 @@ Names the scaler, the alert rules and the dashboards depend on (pinned)::
     tensafe_dispatch_total                            {pool, reason}
     tensafe_tenant_service_tokens_total              {tenant}
     tensafe_queue_wait_seconds                        histogram {pool, tenant}
+    tensafe_held_requests                             gauge {pool}: waiting while no backend is ready
 
 ``tenant`` takes the ``top_tenants`` tenants with the most requests and ``other`` for the rest
 (a bounded label set, however many tenants there are). ITL is observed once per request: its
-mean time between tokens.
+mean time between tokens. ``tensafe_held_requests`` has a sample for every configured pool,
+0 included, whether or not it has backends (a pool scaled to zero is scaled up on it).
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -178,10 +180,13 @@ class CacheCollector(Collector):
 
 class FleetCollector(Collector):
     """Each backend's state, read at scrape time: the ``tensafe_backend_*`` gauges (label
-    ``backend``) and the pinned fleet gauges (labels ``pool``, ``backend``)."""
+    ``backend``) and the pinned fleet gauges (labels ``pool``, ``backend``); and ``held``, the
+    requests each configured pool holds while none of its backends is ready (label ``pool``)."""
 
-    def __init__(self, members: Callable[[], list[Member]]) -> None:
+    def __init__(self, members: Callable[[], list[Member]],
+                 held: Callable[[], Mapping[str, int]] | None = None) -> None:
         self.members = members
+        self.held = held
 
     def collect(self) -> Iterator[Any]:
         members = self.members()
@@ -208,6 +213,12 @@ class FleetCollector(Collector):
             family = GaugeMetricFamily(metric, help_text, labels=("pool", "backend"))
             for m in members:
                 family.add_metric([m.pool, m.name], value(m))
+            yield family
+        if self.held is not None:
+            family = GaugeMetricFamily("tensafe_held_requests", "Requests waiting for a backend of the pool to be "
+                                       "ready (none is: scaled to zero, starting, down or drained)", labels=("pool",))
+            for pool, n in sorted(self.held().items()):
+                family.add_metric([pool], n)
             yield family
 
 

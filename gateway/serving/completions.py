@@ -6,9 +6,9 @@ and accepted by that backend (validated, its prompt counted). Until then every r
 status (400 context too long, 429, 503 no backend or overloaded, 504); after it, a failure is an
 SSE error event (a backend lost before the first token is still replaced by another, once).
 TTFT is measured to the first token either way. One guard per request (``RequestGuard``) sees
-the client go or the deadline pass, whether the request is waiting for its adapter, its first
-token or is streaming; then the backend stream is closed, which aborts the generation and
-frees its batch slot at once.
+the client go or the deadline pass, whether the request is waiting for a backend to be ready
+(a pool scaled to zero), for its adapter, its first token or is streaming; then the backend
+stream is closed, which aborts the generation and frees its batch slot at once.
 """
 from __future__ import annotations
 
@@ -202,18 +202,23 @@ class CompletionService:
 
     async def _dispatch(self, state: Any, principal: Principal, target: Target, breq: BackendRequest,
                         input_estimate: int, resources: contextlib.AsyncExitStack) -> AsyncIterator[_Started | None]:
-        """Choose a backend, wait for one of its sequence slots, make the adapter resident there
-        and start the generation: yields None once a backend has accepted the request, then
-        the backend, the held slot, the stream and its first token. A backend that is down or
-        fails before the first token is counted against its breaker and the request goes to
-        another one, once. The caller bounds each step (its guard); what an attempt holds is
-        released with ``resources``, or at once when the attempt fails."""
+        """Choose a backend (waiting for one while none is ready: ``Fleet.choose_held``), wait
+        for one of its sequence slots, make the adapter resident there and start the
+        generation: yields None once a backend has accepted the request, then the backend, the
+        held slot, the stream and its first token. A backend that is down or fails before the
+        first token is counted against its breaker and the request goes to another one, once
+        (without waiting). The caller bounds each step (its guard: a disconnect or the deadline
+        ends a wait for a backend too); what an attempt holds is released with ``resources``,
+        or at once when the attempt fails."""
         tried: frozenset[str] = frozenset()
         needs = breq.sampling.extensions()
         accepted = False
         while True:
             try:
-                member, choice = self.fleet.choose(target.adapter_id, target.rank, exclude=tried, needs=needs)
+                if tried:
+                    member, choice = self.fleet.choose(target.adapter_id, target.rank, exclude=tried, needs=needs)
+                else:
+                    member, choice = await self.fleet.choose_held(target.adapter_id, target.rank, needs=needs)
             except NotHonoured as exc:
                 raise errors.InvalidRequest(f"The parameter '{exc.parameter}' is not supported by the backends "
                                             "serving this model.", param=exc.parameter,

@@ -7,6 +7,8 @@ of what it reports (capacity, residency) refreshed every ``refresh_s``. ``choose
 members (healthy, breaker closed or probing, not drained or leaving, able to hold the
 adapter's rank) and asks the policy (``dispatch``) for one; ``slot`` holds a sequence slot on
 it for the request's life. Members come and go at run time (``add``, ``remove``: discovery).
+While no backend that could serve a request is ready (a pool scaled to zero), ``choose_held`` holds the request
+until one is (``serving.hold``).
 """
 from __future__ import annotations
 
@@ -16,13 +18,14 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 
 from cache import AdapterCache, Tier
 
 from ..backends import Backend, Capacity
 from .breaker import Breaker
 from .dispatch import POLICIES, Ask, BackendView, Choice, LoadCosts
+from .hold import HoldFull, HoldLimits, Holds
 from .slotqueue import SlotQueue
 from .slots import BackendSlots
 
@@ -30,10 +33,12 @@ log = logging.getLogger("tensafe.gateway")
 
 
 class NoBackend(Exception):
-    """No backend can take the request now (all down, open, drained or unfit)."""
+    """No backend can take the request now (all down, open, drained or unfit); ``unready``:
+    none that could serve it is ready (see ``Member.ready``), so it may wait for one."""
 
-    def __init__(self, why: str) -> None:
+    def __init__(self, why: str, unready: bool = False) -> None:
         self.why = why
+        self.unready = unready
         super().__init__(f"no backend can serve the request: {why}")
 
 
@@ -79,8 +84,12 @@ class Member:
     def key(self) -> str:
         return f"{self.pool}/{self.backend.name}"
 
+    def ready(self) -> bool:
+        """In service: healthy by its last check, neither drained nor leaving (its breaker aside)."""
+        return self.up and not self.drained and not self.leaving
+
     def available(self) -> bool:
-        return self.up and not self.drained and not self.leaving and self.breaker.allows()
+        return self.ready() and self.breaker.allows()
 
     def served(self, seconds: float) -> None:
         self.service_ms += 0.2 * (seconds * 1000 - self.service_ms)
@@ -109,8 +118,10 @@ class Held:
 class Fleet:
     def __init__(self, cache: AdapterCache | None = None, *, policy: str = "affinity", refresh_s: float = 0.05,
                  queue_limit: int = 256, breaker: Callable[[], Breaker] = Breaker, health_timeout_s: float = 2.0,
-                 fair: bool = True, output_weight: float = 2.0,
+                 fair: bool = True, output_weight: float = 2.0, holds: Mapping[str, HoldLimits] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
+        """``holds``: the configured pools and how many requests each holds, for how long, while
+        none of its backends is ready (a pool not named there holds none)."""
         if policy not in POLICIES:
             raise ValueError(f"dispatch {policy!r} is not one of {', '.join(POLICIES)}")
         self.cache = cache
@@ -124,6 +135,7 @@ class Fleet:
         self.members: dict[str, Member] = {}
         self.fair = fair
         self.output_weight = output_weight
+        self.holds = Holds(holds)
         #: told how long each request waited for its slot (pool, tenant, seconds) and of each
         #: tenant's service (tenant, weighted tokens); the metrics listen
         self.on_wait: Callable[[str, str, float], None] | None = None
@@ -140,6 +152,7 @@ class Fleet:
             self.cache.add_backend(backend.name, BackendSlots(backend))
         self.members[backend.name] = member
         self._refreshed = float("-inf")
+        self.holds.changed()
         return member
 
     async def remove(self, name: str, grace_s: float = 30.0) -> None:
@@ -229,11 +242,15 @@ class Fleet:
             if ok and not m.up:
                 log.warning("backend %s is healthy again", m.key)
                 m.breaker.success()
+                recovered.append(m)
             elif not ok and m.up:
                 log.warning("backend %s is unhealthy: %s", m.key, detail)
             m.up, m.health_detail = ok, detail
 
+        recovered: list[Member] = []
         await asyncio.gather(*(one(m) for m in list(self.members.values())))
+        if recovered:
+            self.holds.changed()
 
     def idlest(self) -> list[Member]:
         """The available backends, the least busy first (for calls that take no slot)."""
@@ -243,8 +260,12 @@ class Fleet:
     def set_drained(self, drained: Iterable[str]) -> None:
         """The drain state from the store (keys ``pool/backend``)."""
         keys = set(drained)
+        undrained = False
         for m in self.members.values():
+            undrained |= m.drained and m.key not in keys
             m.drained = m.key in keys
+        if undrained:
+            self.holds.changed()
 
     # ---- dispatch ----------------------------------------------------------------------------
     def choose(self, adapter: str | None, rank: int = 0, exclude: frozenset[str] = frozenset(),
@@ -258,10 +279,11 @@ class Fleet:
             if not candidates:
                 every = [m.backend.extensions for m in self.members.values()]
                 raise NotHonoured(min(p for p in needs if not all(p in e for e in every)))
-        members = [m for m in candidates
-                   if m.name not in exclude and m.available() and m.snapshot is not None]
+        candidates = [m for m in candidates if m.name not in exclude]
+        members = [m for m in candidates if m.available() and m.snapshot is not None]
         if not members:
-            raise NoBackend("every backend is down, drained or failing")
+            why = "every backend is down, drained or failing" if candidates else "no backend is ready"
+            raise NoBackend(why, unready=not any(m.ready() for m in candidates))
         fit = [m for m in members if not rank or not m.snapshot.capacity.max_lora_rank  # type: ignore[union-attr]
                or rank <= m.snapshot.capacity.max_lora_rank]  # type: ignore[union-attr]
         if not fit:
@@ -274,6 +296,40 @@ class Fleet:
         chosen.own += 1
         chosen.breaker.sent()
         return chosen, choice
+
+    async def choose_held(self, adapter: str | None, rank: int = 0,
+                          needs: frozenset[str] = frozenset()) -> tuple[Member, Choice]:
+        """``choose``; but while no backend that could serve the request is ready, the request
+        is held for the configured pools without a ready backend (``serving.hold``) and looks
+        again whenever one may have become ready, then fails as ``choose`` does. NoBackend when
+        it may not be held (a pool holds its most, or none at all) or none became ready in time."""
+        changed = self.holds.next_change()
+        try:
+            return self.choose(adapter, rank, needs=needs)
+        except NoBackend as exc:
+            if not exc.unready:
+                raise
+            unready = exc
+        pools = [p for p in self.holds.limits
+                 if not any(m.pool == p and m.ready() for m in self.members.values())]
+        timeout_s = self.holds.timeout_s(pools)
+        if not timeout_s:
+            raise unready
+        try:
+            with self.holds.hold(pools):
+                async with asyncio.timeout(timeout_s):
+                    while True:
+                        await changed.wait()
+                        changed = self.holds.next_change()
+                        try:
+                            return self.choose(adapter, rank, needs=needs)
+                        except NoBackend as exc:
+                            if not exc.unready:
+                                raise
+        except HoldFull as exc:
+            raise NoBackend(str(exc)) from None
+        except TimeoutError:
+            raise NoBackend(f"no backend became ready within {timeout_s:g} s") from None
 
     @contextlib.asynccontextmanager
     async def slot(self, member: Member, adapter: str | None, tenant: str = "", weight: float = 1.0,

@@ -86,7 +86,7 @@ def on_workers(app, adapter: str) -> list[str]:
 async def test_dns_discovery_adds_a_new_worker_and_drops_a_gone_one(tmp_path, workers):
     port, _ = workers
     names = Names({HOSTS[0]})
-    async with gateway(tmp_path, port, names) as (app, client):
+    async with gateway(tmp_path, port, names, hold_timeout_s=0.5) as (app, client):
         gw = app.state.gateway
         assert sorted(gw.fleet.members) == [f"cpu-{HOSTS[0]}:{port}"]
         w = await tenant_world(app, client, tmp_path)
@@ -100,10 +100,11 @@ async def test_dns_discovery_adds_a_new_worker_and_drops_a_gone_one(tmp_path, wo
         assert sorted(gw.fleet.members) == [f"cpu-{HOSTS[1]}:{port}"]
         r = await client.post(CHAT, json={"model": "mine", "messages": HELLO, "max_tokens": 4}, headers=w.h("a"))
         assert r.status_code == 200 and on_workers(app, "a/mine@1") == [f"cpu-{HOSTS[1]}:{port}"]
-        names.addresses.clear()  # none left
+        names.addresses.clear()  # none left: a request waits for one (hold_timeout_s), then gets a 503
         await gw.discovery[0].resolve()
         r = await client.post(CHAT, json={"model": BASE, "messages": HELLO}, headers=w.h("a"))
         assert r.status_code == 503 and r.json()["error"]["code"] == "no_backend" and r.headers["retry-after"]
+        assert "within 0.5 s" in r.json()["error"]["message"]
 
 
 async def test_an_adapters_requests_stay_on_its_worker(tmp_path, workers):
