@@ -320,6 +320,10 @@ class AdapterCache:
         """The adapters this cache has in ``backend``'s slots right now."""
         return set(self._device(backend).order)
 
+    def in_cpu(self) -> set[str]:
+        """The adapters in the CPU tier right now."""
+        return set(self._cpu.keys())
+
     def loading(self, backend: str) -> set[str]:
         """The adapters being loaded into ``backend``'s slots right now."""
         return set(self._device(backend).loading)

@@ -84,7 +84,7 @@ class Gateway:
                         for p in pools if p.discovery == "static"}
         if settings.queue_policy not in ("fair", "fcfs"):
             raise SettingsError("queue_policy", f"{settings.queue_policy!r} is not fair or fcfs")
-        for name in ("hold_max_requests", "hold_timeout_s"):
+        for name in ("hold_max_requests", "hold_timeout_s", "warm_adapters", "warm_timeout_s"):
             if getattr(settings, name) < 0:
                 raise SettingsError(name, "must be at least 0")
         self.fleet = Fleet(policy=settings.dispatch, refresh_s=settings.fleet_refresh_s, queue_limit=settings.max_queue,
@@ -200,9 +200,10 @@ class Gateway:
             out.append((name, config, tensors))
         return out
 
-    async def _joining(self, backend: Backend) -> None:
-        """A started backend is about to take requests: the first one tells the base model the
-        gateway serves (uploads are checked against it); every one gets the development adapters."""
+    async def _joining(self, pool: str, backend: Backend) -> None:
+        """A started backend is about to take requests in ``pool``: the first one tells the base
+        model the gateway serves (uploads are checked against it); every one gets the
+        development adapters, then the pool's hottest adapters (``_warm``)."""
         if self._base is None and not self._described:
             config = await backend.model_config()
             self._described = True
@@ -217,10 +218,31 @@ class Gateway:
             await backend.load_adapter(f"local:{name}", tensors, lora)
             log.info("adapter %s loaded on %s (rank %d, %s)", name, backend.name, lora.rank,
                      ",".join(lora.target_modules))
+        await self._warm(pool, backend)
+
+    async def _warm(self, pool: str, backend: Backend) -> None:
+        """Load the pool's hottest adapters into a joining backend (``warm_adapters`` at most,
+        within ``warm_timeout_s``), so its first requests find them resident; a warm-up that
+        fails or takes too long is logged, and the backend joins with what it has (loads still
+        under way finish in the background)."""
+        s = self.settings
+        if not s.warm_adapters or not s.warm_timeout_s:
+            return
+        t0 = time.perf_counter()
+        try:
+            loaded = await asyncio.wait_for(self.fleet.warm(pool, backend, s.warm_adapters), s.warm_timeout_s)
+        except TimeoutError:
+            log.warning("backend %s/%s: warm-up did not finish within %g s; it joins without it", pool, backend.name,
+                        s.warm_timeout_s)
+        except Exception as exc:  # noqa: BLE001 - a failed warm-up never keeps a backend out
+            log.warning("backend %s/%s: warm-up failed (%s); it joins without it", pool, backend.name, exc)
+        else:
+            if loaded:
+                log.info("backend %s/%s warmed with %d adapter(s) in %.3f s: %s", pool, backend.name, len(loaded),
+                         time.perf_counter() - t0, ", ".join(loaded))
 
     def _adapter_loaded(self, backend: str, tier: str, seconds: float) -> None:
-        member = self.fleet.members.get(backend)
-        self.metrics.adapter_loaded(member.pool if member is not None else "", backend, tier, seconds)
+        self.metrics.adapter_loaded(self.fleet.pool_of(backend), backend, tier, seconds)
 
     async def _check_fleet(self) -> None:
         await self.fleet.check()

@@ -221,6 +221,11 @@ class Settings:
     #: no waiting. A pool's own hold_max_requests and hold_timeout_s replace these
     hold_max_requests: int = 256
     hold_timeout_s: float = 60.0
+    #: a backend joining a pool at run time first loads the pool's hottest adapters (up to this
+    #: many, and no more than its free adapter slots), waiting at most warm_timeout_s for them;
+    #: then it joins whatever was loaded
+    warm_adapters: int = 4
+    warm_timeout_s: float = 30.0
     model: str = DEFAULT_MODEL  # engine model name or a checkpoint directory
     model_cache: Path | None = None  # converted checkpoints; default: the engine's (TENSAFE_MODEL_CACHE or ~/.cache)
     device: str = "auto"

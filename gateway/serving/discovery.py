@@ -5,7 +5,9 @@ DNS pool's are every address its ``dns_name`` resolves to (a headless Service li
 ready pod): resolved at start and every ``dns_interval_s`` after, a new address joins once its
 backend answers, and one that is gone leaves (``Fleet.remove``: it finishes what it holds, no
 new request goes to it). An address that fails to start is tried again at the next round.
-The resolver is injected, so tests point discovery at names they control.
+Before a backend takes requests the ``joining`` hook prepares it (the gateway's: its local
+adapters and the pool's hottest ones). The resolver is injected, so tests point discovery at
+names they control.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from .fleet import Fleet
 
 log = logging.getLogger("tensafe.gateway")
 Resolver = Callable[[str, int], Awaitable[set[str]]]
-Joining = Callable[[Backend], Awaitable[None]]
+Joining = Callable[[str, Backend], Awaitable[None]]  # (pool, backend)
 
 
 async def resolve_host(host: str, port: int) -> set[str]:
@@ -43,7 +45,7 @@ class PoolDiscovery:
     def __init__(self, pool: PoolSettings, settings: Settings, fleet: Fleet, *, joining: Joining | None = None,
                  resolver: Resolver = resolve_host, backends: list[Backend] | None = None) -> None:
         """``backends``: the static pool's backends when the caller made them already;
-        ``joining`` runs on each started backend before it takes requests."""
+        ``joining`` runs on each started backend, with its pool's name, before it takes requests."""
         self.pool = pool
         self.settings = settings
         self.fleet = fleet
@@ -64,9 +66,13 @@ class PoolDiscovery:
             await self._join(backend)
 
     async def _join(self, backend: Backend) -> None:
-        if self.joining is not None:
-            await self.joining(backend)
-        self.fleet.add(self.pool.name, backend)
+        try:
+            if self.joining is not None:
+                await self.joining(self.pool.name, backend)
+            self.fleet.add(self.pool.name, backend)
+        except BaseException:
+            self.fleet.forget(backend.name)  # what warming it left in the cache
+            raise
 
     async def resolve(self) -> None:
         """One round: addresses that appeared join, those that went leave."""

@@ -6,8 +6,9 @@ breaker, its health and drain state, the measured time a request holds a slot, a
 of what it reports (capacity, residency) refreshed every ``refresh_s``. ``choose`` filters the
 members (healthy, breaker closed or probing, not drained or leaving, able to hold the
 adapter's rank) and asks the policy (``dispatch``) for one; ``slot`` holds a sequence slot on
-it for the request's life. Members come and go at run time (``add``, ``remove``: discovery).
-While no backend that could serve a request is ready (a pool scaled to zero), ``choose_held`` holds the request
+it for the request's life. Members come and go at run time (``add``, ``remove``: discovery);
+one that joins is first given the pool's hottest adapters (``warm``). While no backend that
+could serve a request is ready (a pool scaled to zero), ``choose_held`` holds the request
 until one is (``serving.hold``).
 """
 from __future__ import annotations
@@ -136,6 +137,7 @@ class Fleet:
         self.fair = fair
         self.output_weight = output_weight
         self.holds = Holds(holds)
+        self._joining: dict[str, str] = {}  # backends being warmed (known to the cache) -> their pool
         #: told how long each request waited for its slot (pool, tenant, seconds) and of each
         #: tenant's service (tenant, weighted tokens); the metrics listen
         self.on_wait: Callable[[str, str, float], None] | None = None
@@ -148,12 +150,52 @@ class Fleet:
         slots = max(1, backend.capacity().max_sequence_slots)
         queue = SlotQueue(slots, self.queue_limit, fair=self.fair, output_weight=self.output_weight)
         member = Member(pool, backend, queue, self._breaker())
-        if self.cache is not None:
+        if self.cache is not None and self._joining.pop(backend.name, None) is None:
             self.cache.add_backend(backend.name, BackendSlots(backend))
         self.members[backend.name] = member
         self._refreshed = float("-inf")
         self.holds.changed()
         return member
+
+    def pool_of(self, name: str) -> str:
+        """The pool of backend ``name``, a member or one being warmed ("" for neither)."""
+        member = self.members.get(name)
+        return member.pool if member is not None else self._joining.get(name, "")
+
+    # ---- warming a joining backend ------------------------------------------------------------
+    def hottest(self, pool: str, n: int) -> list[str]:
+        """The ``n`` adapters asked for most lately (``cache.heat``) among those in the CPU tier
+        or in the slots of ``pool``'s members, hottest first (one never asked for is not hot)."""
+        if self.cache is None or n <= 0:
+            return []
+        keys = self.cache.in_cpu()
+        for m in self.members.values():
+            if m.pool == pool:
+                keys |= self.cache.in_slots(m.name)
+        heat = {k: self.cache.heat.of(k) for k in keys}
+        return sorted((k for k in keys if heat[k] > 0), key=lambda k: (-heat[k], k))[:n]
+
+    async def warm(self, pool: str, backend: Backend, most: int) -> list[str]:
+        """Before ``backend`` joins ``pool`` (``add``): load the pool's hottest adapters into it,
+        at most ``most`` and no more than its free adapter slots, all at once; those loaded are
+        returned, those that fail are logged. From here on the cache knows the backend; if it
+        does not join after all, ``forget`` it."""
+        if self.cache is None or backend.name in self.members:
+            return []
+        if backend.name not in self._joining:
+            self.cache.add_backend(backend.name, BackendSlots(backend))
+            self._joining[backend.name] = pool
+        keys = self.hottest(pool, min(most, backend.capacity().free_adapter_slots))
+        results = await asyncio.gather(*(self.cache.load(k, backend.name) for k in keys), return_exceptions=True)
+        for key, result in zip(keys, results):
+            if isinstance(result, BaseException):
+                log.warning("backend %s/%s: adapter %s not warmed: %s", pool, backend.name, key, result)
+        return [key for key, result in zip(keys, results) if result is None]
+
+    def forget(self, name: str) -> None:
+        """A backend that was warmed but did not join: the cache forgets it."""
+        if self._joining.pop(name, None) is not None and self.cache is not None:
+            self.cache.remove_backend(name)
 
     async def remove(self, name: str, grace_s: float = 30.0) -> None:
         """``name`` leaves: no new request goes to it, those it holds finish (up to ``grace_s``),

@@ -1,7 +1,8 @@
 """Scale from zero: a request that finds no ready backend is held until one joins (counted in
 ``tensafe_held_requests{pool}``, which a scaler reads), within a count and a time bound (503
 with Retry-After past either), and its client leaving or its deadline passing frees it at
-once. The gateway runs on a real uvicorn with DNS-discovered pools (a resolver the test
+once; a backend that joins a pool at run time gets the hottest adapters before its first
+request. The gateway runs on a real uvicorn with DNS-discovered pools (a resolver the test
 controls) of real ``tensafe worker`` apps over the null backend, all in the test's loop."""
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import pytest
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
+from adapters.keys import current_recipient_from_document
 from gateway.app import create_app
 from gateway.backends.null import NullBackend, model_config_of
 from gateway.server import uvicorn_config
@@ -26,7 +28,7 @@ from gateway.settings import Settings, SettingsError
 from gateway.worker.app import WorkerLimits, create_worker_app
 
 from .conftest import API_KEY, BASE, settings
-from .test_tenancy import ADMIN, CHAT, HELLO
+from .test_tenancy import ADMIN, CHAT, HELLO, World
 
 TOKEN = "wtok-zero-7c21d9e4"
 HOSTS = ("127.0.0.2", "127.0.0.3")
@@ -194,6 +196,62 @@ async def test_a_held_request_whose_client_leaves_or_deadline_passes_leaves_the_
                                                             else (504, "timeout"))
 
 
+@pytest.mark.parametrize("warm_adapters,slots", [(2, 4), (4, 2)])  # min(setting, free adapter slots) = 2
+async def test_a_pool_back_from_zero_gets_its_hottest_adapters_before_its_first_request(tmp_path, warm_adapters,
+                                                                                       slots):
+    port = free_port_on(HOSTS)
+    names = Names(cpu={HOSTS[0]})
+    first, first_app = null_worker()
+    second, second_app = null_worker(max_loras=slots)
+    async with serving(first_app, HOSTS[0], port, Settings()), serving(second_app, HOSTS[1], port, Settings()), \
+            gateway(tmp_path, names, [dns_pool("cpu", port)], warm_adapters=warm_adapters) as (app, client):
+        gw = app.state.gateway
+        w = World(client, app, tmp_path)
+        w.recipient = current_recipient_from_document((await client.get("/v1/tssp/recipient")).json())
+        await w.setup_tenant("a")
+        for i, (name, requests) in enumerate((("x", 3), ("y", 2), ("z", 1))):  # x is the hottest, z the coldest
+            assert (await w.upload("a", w.package("a", name, seed=i))).status_code == 201
+            for _ in range(requests):
+                r = await client.post(CHAT, json={**ASK, "model": name}, headers=w.h("a"))
+                assert r.status_code == 200, r.text
+        assert set(first.adapters()) == {"a/x@1", "a/y@1", "a/z@1"}
+        names.addresses["cpu.test"] = set()  # scaled to zero
+        await gw.discovery[0].resolve()
+        assert gw.fleet.members == {}
+        held_request = asyncio.create_task(client.post(CHAT, json={**ASK, "model": "x"}, headers=w.h("a")))
+        await until_held(client, {"cpu": 1})
+        names.addresses["cpu.test"] = {HOSTS[1]}  # and back up, on another replica
+        await gw.discovery[0].resolve()
+        assert sorted(gw.fleet.members) == [f"cpu-{HOSTS[1]}:{port}"]
+        assert set(second.adapters()) == {"a/x@1", "a/y@1"} and second.loads == 2  # warmed: the two hottest
+        r = await asyncio.wait_for(held_request, 5)
+        assert r.status_code == 200, r.text
+        assert second.loads == 2  # the held request found its adapter resident: no load on its way
+        assert await held(client) == {"cpu": 0}
+
+
+async def test_a_slow_warm_up_lets_the_backend_join_anyway(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="tensafe.gateway")
+    port = free_port_on(HOSTS)
+    names = Names(cpu={HOSTS[0]})
+    _, first_app = null_worker()
+    second, second_app = null_worker(load_delay_s=1.5)
+    async with serving(first_app, HOSTS[0], port, Settings()), serving(second_app, HOSTS[1], port, Settings()), \
+            gateway(tmp_path, names, [dns_pool("cpu", port)], warm_timeout_s=0.3) as (app, client):
+        gw = app.state.gateway
+        w = World(client, app, tmp_path)
+        w.recipient = current_recipient_from_document((await client.get("/v1/tssp/recipient")).json())
+        await w.setup_tenant("a")
+        assert (await w.upload("a", w.package("a", "x"))).status_code == 201
+        assert (await client.post(CHAT, json={**ASK, "model": "x"}, headers=w.h("a"))).status_code == 200
+        names.addresses["cpu.test"] = {HOSTS[0], HOSTS[1]}
+        t0 = time.monotonic()
+        await gw.discovery[0].resolve()
+        assert time.monotonic() - t0 < 1.2  # it did not wait for the 1.5 s load
+        assert f"cpu-{HOSTS[1]}:{port}" in gw.fleet.members and "a/x@1" not in second.adapters()
+        assert any("warm-up did not finish within 0.3 s" in rec.getMessage() for rec in caplog.records)
+
+
 # ---- the fleet's hold, without HTTP ---------------------------------------------------------
 async def started(name: str, **options) -> NullBackend:
     backend = NullBackend(name=name, **options)
@@ -244,10 +302,10 @@ async def test_only_a_fleet_without_a_ready_backend_holds_a_request():
     await fleet.close()
 
 
-def test_hold_bounds_are_checked_at_start(tmp_path):
+def test_hold_and_warm_bounds_are_checked_at_start(tmp_path):
     with pytest.raises(SettingsError, match="pools"):
         settings(tmp_path, pools=json.dumps([dns_pool("cpu", 1, hold_timeout_s=-1)]))
-    for name in ("hold_max_requests", "hold_timeout_s"):
+    for name in ("hold_max_requests", "hold_timeout_s", "warm_adapters", "warm_timeout_s"):
         with pytest.raises(SettingsError, match=name):
             create_app(settings(tmp_path, **{name: -1}))
     gw = create_app(settings(tmp_path, hold_timeout_s=5, pools=json.dumps(
