@@ -116,8 +116,9 @@ class Gateway:
         self.cache: AdapterCache | None = None  # made once the backend has said what model it serves
         self.metrics = Metrics(top_tenants=settings.metrics_top_tenants)
         self.metrics.add_collector(CacheCollector(lambda: self.cache.stats() if self.cache is not None else None))
-        self.metrics.add_collector(FleetCollector(lambda: list(self.fleet.members.values()),
-                                                  held=lambda: self.fleet.holds.held))
+        self.metrics.add_collector(FleetCollector(
+            lambda: list(self.fleet.members.values()), held=lambda: self.fleet.holds.held,
+            starting=lambda: {d.pool.name: len(d.pending) for d in self.discovery}))
         self.metrics.add_collector(StoreCollector(self.store_health))
         self.tenancy: Tenancy | None = None
         self.completions: CompletionService | None = None
@@ -145,6 +146,7 @@ class Gateway:
         self.fleet.cache = self.cache
         self.cache.on_load = self._adapter_loaded
         self.fleet.on_wait, self.fleet.on_service = self.metrics.waited, self.metrics.served
+        self.fleet.on_leave = self.metrics.forget_backend
         for discovery in self.discovery:
             await discovery.start()
         base = source.base_model = self._base

@@ -13,11 +13,14 @@ Names the scaler, the alert rules and the dashboards depend on (pinned)::
     tensafe_tenant_service_tokens_total              {tenant}
     tensafe_queue_wait_seconds                        histogram {pool, tenant}
     tensafe_held_requests                             gauge {pool}: waiting while no backend is ready
+    tensafe_pool_backends                             gauge {pool, state = ready|starting|down|drained}
 
 ``tenant`` takes the ``top_tenants`` tenants with the most requests and ``other`` for the rest
 (a bounded label set, however many tenants there are). ITL is observed once per request: its
 mean time between tokens. ``tensafe_held_requests`` has a sample for every configured pool,
-0 included, whether or not it has backends (a pool scaled to zero is scaled up on it).
+0 included, whether or not it has backends (a pool scaled to zero is scaled up on it). A
+backend that leaves the fleet takes its series with it (``forget_backend``): backends come and
+go with autoscaling, and their names must not pile up.
 """
 from __future__ import annotations
 
@@ -131,6 +134,16 @@ class Metrics:
         self._child(self.loads, pool, backend, tier).inc()
         self._child(self.load_time, pool, backend, tier).observe(seconds)
 
+    def forget_backend(self, pool: str, backend: str) -> None:
+        """Drop every series of ``backend`` (of ``pool``): it left the fleet."""
+        per_backend = {id(m): m for m in (self.fleet_ttft, self.fleet_itl, self.loads, self.load_time)}
+        for key in [k for k in self._children if k[0] in per_backend and k[1][:2] == (pool, backend)]:
+            del self._children[key]
+            try:
+                per_backend[key[0]].remove(*key[1])
+            except KeyError:
+                pass
+
     def _child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, kept: finding a child by labels costs more than using it."""
         key = (id(metric), labels)
@@ -184,9 +197,12 @@ class FleetCollector(Collector):
     requests each configured pool holds while none of its backends is ready (label ``pool``)."""
 
     def __init__(self, members: Callable[[], list[Member]],
-                 held: Callable[[], Mapping[str, int]] | None = None) -> None:
+                 held: Callable[[], Mapping[str, int]] | None = None,
+                 starting: Callable[[], Mapping[str, int]] | None = None) -> None:
+        """``starting``: per pool, the backends discovered that do not answer yet."""
         self.members = members
         self.held = held
+        self.starting = starting
 
     def collect(self) -> Iterator[Any]:
         members = self.members()
@@ -214,10 +230,24 @@ class FleetCollector(Collector):
             for m in members:
                 family.add_metric([m.pool, m.name], value(m))
             yield family
+        held = self.held() if self.held is not None else {}
+        starting = self.starting() if self.starting is not None else {}
+        states = GaugeMetricFamily("tensafe_pool_backends", "A pool's backends by state: ready (in service), "
+                                   "starting (discovered, not answering yet), down (failing its checks or "
+                                   "breaker open) or drained (by an operator, or leaving)", labels=("pool", "state"))
+        for pool in sorted({m.pool for m in members} | held.keys() | starting.keys()):
+            mine = [m for m in members if m.pool == pool]
+            ready = sum(1 for m in mine if m.ready() and m.breaker.state != "open")
+            drained = sum(1 for m in mine if m.drained or m.leaving)
+            states.add_metric([pool, "ready"], ready)
+            states.add_metric([pool, "starting"], starting.get(pool, 0))
+            states.add_metric([pool, "down"], len(mine) - ready - drained)
+            states.add_metric([pool, "drained"], drained)
+        yield states
         if self.held is not None:
             family = GaugeMetricFamily("tensafe_held_requests", "Requests waiting for a backend of the pool to be "
                                        "ready (none is: scaled to zero, starting, down or drained)", labels=("pool",))
-            for pool, n in sorted(self.held().items()):
+            for pool, n in sorted(held.items()):
                 family.add_metric([pool], n)
             yield family
 

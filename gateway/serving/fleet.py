@@ -142,6 +142,8 @@ class Fleet:
         #: tenant's service (tenant, weighted tokens); the metrics listen
         self.on_wait: Callable[[str, str, float], None] | None = None
         self.on_service: Callable[[str, float], None] | None = None
+        #: told of each backend that left (pool, backend): its metric series go
+        self.on_leave: Callable[[str, str], None] | None = None
 
     def add(self, pool: str, backend: Backend) -> Member:
         """A started backend joins ``pool`` (names are unique across pools)."""
@@ -210,6 +212,8 @@ class Fleet:
         self.members.pop(name, None)
         if self.cache is not None:
             self.cache.remove_backend(name)
+        if self.on_leave is not None:
+            self.on_leave(member.pool, name)
         await member.backend.close()
 
     def pools(self) -> dict[str, list[Member]]:

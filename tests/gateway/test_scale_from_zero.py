@@ -311,3 +311,48 @@ def test_hold_and_warm_bounds_are_checked_at_start(tmp_path):
     gw = create_app(settings(tmp_path, hold_timeout_s=5, pools=json.dumps(
         [dns_pool("cpu", 1, hold_max_requests=3), dns_pool("gpu", 1)]))).state.gateway
     assert gw.fleet.holds.limits == {"cpu": HoldLimits(3, 5.0), "gpu": HoldLimits(256, 5.0)}
+
+
+async def pool_backends(client: httpx.AsyncClient) -> dict[tuple[str, str], float]:
+    r = await client.get("/metrics", headers={"authorization": f"Bearer {ADMIN}"})
+    return {(s.labels["pool"], s.labels["state"]): s.value for f in text_string_to_metric_families(r.text)
+            if f.name == "tensafe_pool_backends" for s in f.samples}
+
+
+async def test_a_discovered_address_not_answering_yet_is_starting_and_joins_within_a_second(tmp_path):
+    port = free_port_on(HOSTS[:1])
+    names = Names(cpu={HOSTS[0]})  # the pod's address is published before it is ready
+    async with gateway(tmp_path, names, [dns_pool("cpu", port)]) as (app, client):
+        states = await pool_backends(client)
+        assert states == {("cpu", "ready"): 0, ("cpu", "starting"): 1, ("cpu", "down"): 0, ("cpu", "drained"): 0}
+        request = asyncio.create_task(client.post(CHAT, json=ASK))
+        await until_held(client, {"cpu": 1})
+        _, worker = null_worker()
+        async with serving(worker, HOSTS[0], port, Settings()):
+            started = time.monotonic()
+            r = await asyncio.wait_for(request, 5)  # no discovery round (3600 s): the retry of pending ones
+            assert r.status_code == 200 and time.monotonic() - started < 2.0
+            assert await pool_backends(client) == {("cpu", "ready"): 1, ("cpu", "starting"): 0, ("cpu", "down"): 0,
+                                                   ("cpu", "drained"): 0}
+
+
+async def test_a_backend_that_leaves_takes_its_series_with_it(tmp_path):
+    port = free_port_on(HOSTS)
+    names = Names(cpu={HOSTS[0], HOSTS[1]})
+    workers = [null_worker()[1], null_worker()[1]]
+    async with serving(workers[0], HOSTS[0], port, Settings()), serving(workers[1], HOSTS[1], port, Settings()):
+        async with gateway(tmp_path, names, [dns_pool("cpu", port)]) as (app, client):
+            for _ in range(6):
+                assert (await client.post(CHAT, json=ASK)).status_code == 200
+
+            async def ttft_backends() -> set[str]:
+                r = await client.get("/metrics", headers={"authorization": f"Bearer {ADMIN}"})
+                return {s.labels["backend"] for f in text_string_to_metric_families(r.text)
+                        if f.name == "tensafe_ttft_seconds" for s in f.samples}
+
+            before = await ttft_backends()
+            gone = next(m.name for m in app.state.gateway.fleet.members.values() if HOSTS[1] in m.name)
+            assert len(before) == 2 and gone in before
+            names.addresses["cpu.test"] = {HOSTS[0]}
+            await app.state.gateway.discovery[0].resolve()
+            assert await ttft_backends() == before - {gone}
