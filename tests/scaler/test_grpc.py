@@ -141,3 +141,23 @@ async def test_a_wrong_key_scrapes_nothing(tmp_path: Path):
             with pytest.raises(grpc.aio.AioRpcError) as down:
                 await stub.IsActive(ref())
             assert down.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_replicas_found_through_dns_are_scraped(tmp_path: Path):
+    with gateway(tmp_path, "a") as a:
+        addresses = {"127.0.0.1"}
+
+        async def resolver(host: str, port: int) -> list[str]:
+            assert host == "tensafe-gateway.test"
+            return sorted(addresses)
+
+        # the headless Service's name gives the replicas' addresses, the port is the scaler's setting
+        source = ScrapeSource(dns=("tensafe-gateway.test", a.port), key=ADMIN, interval_s=0.1, resolver=resolver)
+        try:
+            await source.scrape_once()
+            assert set(source.watch.replicas) == {f"http://127.0.0.1:{a.port}"}
+            addresses.clear()  # the replica went: the name no longer lists it
+            await source.scrape_once()
+            assert await source.targets() == []
+        finally:
+            await source.close()
