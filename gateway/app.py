@@ -133,6 +133,7 @@ class Gateway:
         self._sweeper = Periodic("blob-sweep", max(settings.orphan_grace_s, 60.0), self._sweep_logged)
         self.ready = False
         self._base: BaseModelSpec | None = None
+        self._source: TsspSource | None = None  # the cache's package opener, once started
         self._described = False
         self._local: list[tuple[str, LoraConfig, dict]] = []
 
@@ -140,8 +141,8 @@ class Gateway:
         s = self.settings
         await self.store.init()
         self._local = await asyncio.to_thread(self._read_local_adapters)
-        source = TsspSource(StoredPackages(self.store, self.blobs),
-                            lambda: [k.private for k in self.keys.recipient_keys()], self._base)
+        source = self._source = TsspSource(StoredPackages(self.store, self.blobs),
+                                           lambda: [k.private for k in self.keys.recipient_keys()], self._base)
         self.cache = AdapterCache(source, cpu_budget_bytes=s.cpu_cache_mb << 20, tenant_share=s.tenant_cache_share)
         self.fleet.cache = self.cache
         self.cache.on_load = self._adapter_loaded
@@ -210,6 +211,11 @@ class Gateway:
             config = await backend.model_config()
             self._described = True
             self._base = BaseModelSpec.from_hf_config(self.settings.model_name, config) if config is not None else None
+            # a pool at zero when the gateway started: uploads and opens learn it now
+            if self._source is not None:
+                self._source.base_model = self._base
+            if self.tenancy is not None:
+                self.tenancy.base_model = self._base
             for name, lora, tensors in self._local:
                 try:
                     validate_adapter(lora, tensors, self._base)

@@ -356,3 +356,21 @@ async def test_a_backend_that_leaves_takes_its_series_with_it(tmp_path):
             names.addresses["cpu.test"] = {HOSTS[0]}
             await app.state.gateway.discovery[0].resolve()
             assert await ttft_backends() == before - {gone}
+
+
+async def test_a_gateway_started_while_its_pool_is_at_zero_takes_uploads_once_a_backend_joins(tmp_path):
+    port = free_port_on(HOSTS[:1])
+    names = Names(cpu=set())
+    _, worker = null_worker()
+    async with gateway(tmp_path, names, [dns_pool("cpu", port)]) as (app, client):
+        w = World(client, app, tmp_path)
+        w.recipient = current_recipient_from_document((await client.get("/v1/tssp/recipient")).json())
+        await w.setup_tenant("a")
+        early = await w.upload("a", w.package("a", "x"))
+        assert early.status_code == 503 and "base model" in early.json()["error"]["message"]
+        async with serving(worker, HOSTS[0], port, Settings()):
+            names.addresses["cpu.test"] = {HOSTS[0]}
+            await app.state.gateway.discovery[0].resolve()
+            assert (await w.upload("a", w.package("a", "x"))).status_code == 201
+            r = await client.post(CHAT, json={**ASK, "model": "x"}, headers=w.h("a"))
+            assert r.status_code == 200, r.text
