@@ -517,3 +517,20 @@ async def test_probe_paths_exist_on_the_gateway_worker_and_agent(secret_values, 
             for path in paths:
                 r = await client.get(path)  # probes carry no token: the path must be open
                 assert r.status_code in ok, (path, r.status_code, r.text)
+
+
+def test_every_tensafe_variable_names_a_setting():
+    """Settings reads the TENSAFE_ variables it knows and ignores others, so a misspelt name in
+    a ConfigMap or an env list would be silently lost: each must name a setting (or one of the
+    key provider's variables)."""
+    from gateway.settings import VllmSettings
+
+    known = {f"TENSAFE_{f.name.upper()}" for f in dataclasses.fields(Settings)}
+    known |= {f"TENSAFE_VLLM_{f.name.upper()}" for f in dataclasses.fields(VllmSettings)}
+    known |= {"TENSAFE_CONFIG", "TENSAFE_HASHING_KEY", "TENSAFE_RECIPIENT_KEYS"}
+    seen = set()
+    for overlay in OVERLAYS:
+        names = [k for c in objects(overlay, "ConfigMap") for k in c["data"]]
+        names += [v["name"] for w in workloads(overlay) for c in containers(pod_spec(w)) for v in c.get("env", [])]
+        seen |= {n for n in names if n.startswith("TENSAFE_")}
+    assert seen and not seen - known, sorted(seen - known)
