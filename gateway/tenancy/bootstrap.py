@@ -1,7 +1,8 @@
 """First-start setup: the operator credential, the ``default`` tenant's fixed key from
-settings, and in development mode a demo tenant with a key, a signing key pair, two demo
-adapters packed as TSSP and uploaded through the normal upload path, and an expert table over
-them, so ``model: "auto"`` works from the first start.
+settings, and in development mode a demo tenant with a key, a signing key pair, the three
+trained demo adapters (``demo/``: ``demo-support``, ``demo-legal``, ``demo-json``) packed as
+TSSP and uploaded through the normal upload path, and an expert table over them, so ``model:
+"auto"`` works from the first start.
 
 Keys are shown once, so the demo key and the admin key are also written to 0600 files in the
 data directory; the development banner prints them (stdout only, never the logs).
@@ -12,31 +13,24 @@ import dataclasses
 import logging
 from pathlib import Path
 
-import torch
-
 from adapters.keys import generate_signing_key, load_signing_private, save_signing_key
-from adapters.lora import LoraConfig
 from adapters.package import pack
-from adapters.peft import lora_config
-from adapters.validate import lora_tensor_name
+from adapters.peft import read_peft_dir
 from router import ExpertTable
 
 from .auth import write_secret_file
+from .demo import ADAPTERS as DEMO_ADAPTERS
+from .demo import adapter_dir
 from .service import Tenancy
 
 log = logging.getLogger("tensafe.gateway")
 ACTOR = "bootstrap"
 DEMO_TENANT = "demo"
-#: (name, rank, target modules, seed): small random LoRAs close to identity: they show the upload,
-#: cache and routing path end to end, not a skill
-DEMO_ADAPTERS = (("demo-support", 4, ("q_proj", "v_proj"), 11), ("demo-legal", 8, ("o_proj", "up_proj"), 12))
-
-
 
 
 def demo_experts(base_model: str) -> dict:
     """The demo tenant's expert table: support questions to demo-support, legal ones to
-    demo-legal, the rest to the base model."""
+    demo-legal, requests for JSON to demo-json, the rest to the base model."""
     def kw(*words: str) -> list[dict]:
         return [{"pattern": w, "weight": 2.0} for w in words]
 
@@ -47,6 +41,8 @@ def demo_experts(base_model: str) -> dict:
         {"name": "legal", "adapter": "demo-legal", "description": "Contracts, law and legal questions.",
          "keywords": kw("contract", "legal", "lawyer", "liability"),
          "examples": ["Is a verbal contract binding?", "What does limited liability mean?"]},
+        {"name": "json", "adapter": "demo-json", "description": "Answers as a JSON object.",
+         "keywords": kw("json"), "examples": ["Answer in JSON: what is the capital of Spain?"]},
         {"name": "general", "adapter": base_model, "description": "Everything else.", "keywords": [],
          "examples": ["What is the capital of France?", "Give me tips for sleeping better"]},
     ]}).to_dict()
@@ -93,27 +89,12 @@ async def ensure_demo(tenancy: Tenancy, data_dir: Path, model_name: str) -> tupl
         await tenancy.register_signing_key(ACTOR, DEMO_TENANT, {k: v.decode() for k, v in pems.items()})
         if tenancy.base_model is not None:
             recipient = tenancy.keys.recipient_keys()[-1].private.public_key()
-            for name, rank, modules, seed in DEMO_ADAPTERS:
-                data = pack(_demo_lora(tenancy, rank, modules, seed), tenant=DEMO_TENANT, name=name, version="1",
+            for name in DEMO_ADAPTERS:
+                data = pack(read_peft_dir(adapter_dir(name)), tenant=DEMO_TENANT, name=name, version="1",
                             base_model=tenancy.base_model.model_id, signer=signer, recipient=recipient)
                 await tenancy.upload(ACTOR, DEMO_TENANT, data)
         log.info("demo tenant created (key in %s)", key_file)
     names = tuple(a.name for a in await tenancy.store.list_adapters(DEMO_TENANT))
-    if {"demo-support", "demo-legal"} <= set(names) and await tenancy.store.get_experts(DEMO_TENANT) is None:
+    if set(DEMO_ADAPTERS) <= set(names) and await tenancy.store.get_experts(DEMO_TENANT) is None:
         await tenancy.store.put_experts(DEMO_TENANT, demo_experts(model_name))
     return key_file.read_text().strip() if key_file.exists() else "", key_file, names
-
-
-def _demo_lora(tenancy: Tenancy, rank: int, modules: tuple[str, ...], seed: int) -> tuple[LoraConfig, dict]:
-    spec = tenancy.base_model
-    assert spec is not None
-    gen = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for layer in range(spec.num_hidden_layers):
-        for module in modules:
-            in_f, out_f = spec.projection_shape(module)
-            tensors[lora_tensor_name(layer, module, "A")] = (torch.randn(rank, in_f, generator=gen) / in_f ** 0.5)
-            tensors[lora_tensor_name(layer, module, "B")] = torch.randn(out_f, rank, generator=gen) * 0.02
-    config = lora_config({"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank,
-                                         "target_modules": list(modules)})
-    return config, {k: v.to(torch.bfloat16) for k, v in tensors.items()}

@@ -98,7 +98,7 @@ def test_dev_mode_bootstraps_a_demo_tenant_and_prints_an_example(tmp_path):
         assert key in out and "from openai import OpenAI" in out and f'model="{BASE}"' in out
         assert admin_key not in out and str(admin_file) in out
         client = openai.OpenAI(base_url=proc.url + "/v1", api_key=key, max_retries=0)
-        assert [m.id for m in client.models.list().data] == [BASE, "demo-legal", "demo-support"]
+        assert [m.id for m in client.models.list().data] == [BASE, "demo-json", "demo-legal", "demo-support"]
         reply = client.chat.completions.create(model="demo-support",
                                                messages=[{"role": "user", "content": "sesame 77"}])
         assert reply.usage.completion_tokens == 16
@@ -123,7 +123,7 @@ def test_dev_mode_bootstraps_a_demo_tenant_and_prints_an_example(tmp_path):
         assert key_file.read_text().strip() == key
         assert key not in "".join(again.stdout)
         models = httpx.get(again.url + "/v1/models", headers={"authorization": f"Bearer {key}"}).json()
-        assert [m["id"] for m in models["data"]] == [BASE, "demo-legal", "demo-support"]
+        assert [m["id"] for m in models["data"]] == [BASE, "demo-json", "demo-legal", "demo-support"]
     finally:
         again.stop()
 
