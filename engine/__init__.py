@@ -3,6 +3,7 @@
 Knows nothing of tenants, HTTP or packages: adapters arrive as plain tensors.
 """
 from .config import DEFAULT_MODEL, EngineConfig, default_cache_dir
+from .delta import DeltaGenerator, DeltaHook
 from .engine import Engine
 from .lora import StackedLora
 from .errors import (
@@ -37,5 +38,5 @@ __all__ = [
     "AdapterNotFound", "AdapterRankTooLarge", "AdapterSlotsFull", "ContextLengthExceeded", "EngineClosed",
     "EngineError", "EngineOverloaded", "InvalidAdapter", "InvalidRequest", "ModelLoadError", "LORA_TARGETS",
     "AdapterConfig", "Capacity", "ChatMessage", "FinishReason", "GenerationChunk", "GenerationRequest",
-    "ModelInfo", "SamplingParams", "StackedLora", "default_cache_dir",
+    "ModelInfo", "SamplingParams", "StackedLora", "default_cache_dir", "DeltaGenerator", "DeltaHook",
 ]

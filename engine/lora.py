@@ -25,6 +25,7 @@ import functools
 import re
 import threading
 from collections.abc import Iterator, Mapping, Sequence
+from typing import Protocol
 
 import torch
 
@@ -42,6 +43,13 @@ GROUPS: dict[str, tuple[str, ...]] = {
 
 _COMPOSITIONS_KEPT = 4
 _NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+
+
+class LoraDeltas(Protocol):
+    """What the forward pass asks of its LoRA inputs: add projection group ``group``'s delta at
+    ``layer`` for the inputs ``x`` to ``out``. A LoraBatch is one; engine.delta has another."""
+
+    def apply(self, group: str, layer: int, x: torch.Tensor, out: torch.Tensor) -> None: ...
 
 
 @dataclasses.dataclass(frozen=True)

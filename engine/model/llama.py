@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kv_cache import KVCache
-from ..lora import LoraBatch
+from ..lora import LoraDeltas
 from .rope import Rope
 from .weights import LlamaWeights
 
@@ -42,7 +42,7 @@ class LlamaModel:
         self.scale = d.head_dim**-0.5
 
     # ---- shared body ------------------------------------------------------------------
-    def _layers(self, h: torch.Tensor, positions: torch.Tensor, attend: AttentionFn, lora: LoraBatch | None) -> torch.Tensor:
+    def _layers(self, h: torch.Tensor, positions: torch.Tensor, attend: AttentionFn, lora: LoraDeltas | None) -> torch.Tensor:
         d = self.dims
         eps = d.rms_norm_eps
         n = h.shape[0]
@@ -83,7 +83,7 @@ class LlamaModel:
 
     # ---- decode -----------------------------------------------------------------------
     @torch.inference_mode()
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, ctx_len: int, lora: LoraBatch | None) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, ctx_len: int, lora: LoraDeltas | None) -> torch.Tensor:
         """tokens/positions: [N] for slots 0..N-1 (position = index the new token is written at).
         ``ctx_len`` >= max(positions) + 1. Returns the hidden states [N, hidden]."""
         n = tokens.shape[0]
@@ -92,7 +92,7 @@ class LlamaModel:
         return self._decode_body(self.w.embed[tokens], positions, mask, lora)
 
     def _decode_body(
-        self, h: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, lora: LoraBatch | None
+        self, h: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, lora: LoraDeltas | None
     ) -> torch.Tensor:
         # Sizes come from tensor shapes only, so a compiled version (compile()) treats batch
         # size and context length as dynamic instead of recompiling for each value.
@@ -123,7 +123,7 @@ class LlamaModel:
         slots: torch.Tensor,  # [B]
         starts: torch.Tensor,  # [B] tokens already cached for each sequence
         lengths: torch.Tensor,  # [B] valid tokens of this chunk
-        lora: LoraBatch | None,
+        lora: LoraDeltas | None,
         fresh: bool,  # every start is 0: attend over the chunk itself, not the cache
     ) -> torch.Tensor:
         """Writes the chunk's keys/values into the cache; returns the hidden state of each row's
