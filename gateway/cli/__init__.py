@@ -16,7 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser, sub = _parser()
     from adapters import cli as adapters_cli
 
-    from . import admin, agent, serve, vllm, worker
+    from . import admin, agent, he, serve, vllm, worker
 
     engine_cli.register(sub)
     groups = adapters_cli.register(sub)
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.register(sub)
     agent.register(sub)
     vllm.register(sub)
+    he.register(sub)
     admin.register(sub, groups)
     return parser
 
