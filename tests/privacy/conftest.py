@@ -95,3 +95,17 @@ def client(key_holder: str):
 
     with KeyHolderClient(key_holder, TOKEN) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def fp32(engines):
+    """The real model in float32 (the engine's own LoRA path is the reference)."""
+    return engines(dtype="float32", device="cpu", max_num_seqs=1, max_model_len=128, max_loras=1, max_lora_rank=8)
+
+
+@pytest.fixture(scope="session")
+def generator(fp32):
+    """The same weights as the engine's, on a path of its own (its own one-sequence cache)."""
+    from engine import DeltaGenerator
+
+    return DeltaGenerator(fp32.model.w, fp32.model.rope, fp32.tokenizer, fp32.max_model_len)

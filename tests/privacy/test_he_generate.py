@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine import AdapterConfig, ChatMessage, DeltaGenerator, GenerationRequest, SamplingParams
+from engine import AdapterConfig, ChatMessage, GenerationRequest, SamplingParams
 from gateway.cli.he import he_hook, plaintext_hook
 from privacy.adapter import TOKENS_PER_ROUND_TRIP, EncryptedAdapter, HeLora, encrypt_adapter
 
@@ -20,17 +20,6 @@ pytestmark = pytest.mark.slow
 
 LAYERS = [0, 1]
 TOKENS = 6
-
-
-@pytest.fixture(scope="module")
-def fp32(engines):
-    return engines(dtype="float32", device="cpu", max_num_seqs=1, max_model_len=128, max_loras=1, max_lora_rank=8)
-
-
-@pytest.fixture(scope="module")
-def generator(fp32) -> DeltaGenerator:
-    """The same weights as the engine's, on a path of its own (its own one-sequence cache)."""
-    return DeltaGenerator(fp32.model.w, fp32.model.rope, fp32.tokenizer, fp32.max_model_len)
 
 
 def engine_tokens(engine, ids: list[int], tensors, config) -> list[int]:
