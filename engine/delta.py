@@ -63,6 +63,8 @@ class DeltaGenerator:
     """Greedy decoding of one sequence at a time with an optional :class:`DeltaHook`."""
 
     def __init__(self, weights: LlamaWeights, rope: Rope, tokenizer: Tokenizer, max_len: int) -> None:
+        if max_len > rope.cos.shape[0]:
+            raise ValueError(f"max_len {max_len} exceeds the rotary tables' {rope.cos.shape[0]} positions")
         self.dims = weights.dims
         self.tokenizer = tokenizer
         self.max_len = max_len
