@@ -184,19 +184,20 @@ async def test_async_load_runs_between_steps_and_a_cancelled_load_gives_its_slot
     assert sorted(engine.adapters()) == ["a", "c"]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("token_slots", [
     [0, 0, 1, 2, 2, 2],  # every row on an adapter, unequal groups: rows picked from the padded result
     [2, -1, 0, 0, -1, 1, 2],  # base rows among them: scattered back
     [1, 1, 1],  # one adapter
     [-1, 1, -1],  # one adapter and the base model
 ])
-def test_a_batch_s_lora_delta_is_each_row_s_own_adapter_s(token_slots):
+def test_a_batch_s_lora_delta_is_each_row_s_own_adapter_s(token_slots, dtype):
     from engine.lora import GROUPS, LoraSlots
     from engine.model.weights import LlamaDims
 
     dims = LlamaDims(hidden_size=16, intermediate_size=24, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=4,
                      vocab_size=32, rms_norm_eps=1e-5, max_position_embeddings=64, tie_word_embeddings=True)
-    slots = LoraSlots(dims, 3, 4, torch.float32, torch.device("cpu"))
+    slots = LoraSlots(dims, 3, 4, dtype, torch.device("cpu"))
     gen = torch.Generator().manual_seed(3)
     adapters = {}
     for slot, rank in enumerate((2, 4, 3)):
@@ -205,9 +206,9 @@ def test_a_batch_s_lora_delta_is_each_row_s_own_adapter_s(token_slots):
             for module in ("q_proj", "v_proj", "down_proj"):
                 fan_in, fan_out = dims.projection_shape(module)
                 tensors[f"base_model.model.model.layers.{layer}.{'mlp' if module == 'down_proj' else 'self_attn'}."
-                        f"{module}.lora_A.weight"] = torch.randn(rank, fan_in, generator=gen)
+                        f"{module}.lora_A.weight"] = torch.randn(rank, fan_in, generator=gen).to(dtype).float()
                 tensors[f"base_model.model.model.layers.{layer}.{'mlp' if module == 'down_proj' else 'self_attn'}."
-                        f"{module}.lora_B.weight"] = torch.randn(fan_out, rank, generator=gen)
+                        f"{module}.lora_B.weight"] = torch.randn(fan_out, rank, generator=gen).to(dtype).float()
         config = AdapterConfig(rank=rank, alpha=2.0 * rank, target_modules=("q_proj", "v_proj", "down_proj"))
         assert slots.load(f"a{slot}", tensors, config) == slot
         adapters[slot] = (tensors, config.scaling)
@@ -215,9 +216,10 @@ def test_a_batch_s_lora_delta_is_each_row_s_own_adapter_s(token_slots):
     for group, layer in (("qkv", 1), ("down", 0)):
         fan_in = dims.projection_shape(GROUPS[group][0])[0]
         outs = [dims.projection_shape(m)[1] for m in GROUPS[group]]
-        x = torch.randn(len(token_slots), fan_in, generator=gen)
-        out = torch.zeros(len(token_slots), sum(outs))
+        x = torch.randn(len(token_slots), fan_in, generator=gen).to(dtype)
+        out = torch.zeros(len(token_slots), sum(outs), dtype=dtype)
         batch.apply(group, layer, x, out)
+        x = x.float()
         for row, slot in enumerate(token_slots):
             expected = torch.zeros(sum(outs))
             if slot >= 0:
@@ -230,4 +232,5 @@ def test_a_batch_s_lora_delta_is_each_row_s_own_adapter_s(token_slots):
                         b = tensors[f"{prefix}{module}.lora_B.weight"]
                         expected[col:col + width] = scale * (x[row] @ a.t() @ b.t())
                     col += width
-            torch.testing.assert_close(out[row], expected, rtol=1e-5, atol=1e-5)
+            tolerance = 1e-5 if dtype == torch.float32 else 0.1  # bf16: the output's rounding
+            torch.testing.assert_close(out[row].float(), expected, rtol=tolerance, atol=tolerance)
