@@ -43,6 +43,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
 
 _COMPOSITIONS_KEPT = 4
 _THIN_ROWS = 64  # a mixed forward pass of at most this many rows computes its LoRA in ``thin_dtype``
+_THIN_ROWS_ONE = 4  # and one of a single adapter
 _NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
 
 
@@ -109,10 +110,14 @@ class LoraBatch:
         if g is None:
             return
         if self.k == 1:
-            xa = torch.mm(x, g.a[layer, 0].t())
+            same = x.dtype == g.a.dtype
+            xa = torch.mm(x if same else x.to(g.a.dtype), g.a[layer, 0].t())
             if self.row_mask is not None:
                 xa.mul_(self.row_mask)
-            out.addmm_(xa, g.b[layer, 0])
+            if same:
+                out.addmm_(xa, g.b[layer, 0])
+            else:
+                out.add_(torch.mm(xa, g.b[layer, 0]))  # in the output's dtype
             return
         xg = x.index_select(0, self.gather).view(self.k, self.width, -1)
         if xg.dtype != g.a.dtype:
@@ -385,7 +390,8 @@ class LoraSlots:
         distinct = sorted({s for s in token_slots if s >= 0})
         if not distinct:
             return None
-        dtype = self.thin_dtype if 1 < len(distinct) and len(token_slots) <= _THIN_ROWS else self.dtype
+        thin = len(token_slots) <= (_THIN_ROWS if len(distinct) > 1 else _THIN_ROWS_ONE)
+        dtype = self.thin_dtype if thin else self.dtype
         with self._lock:
             key = (dtype, *((s, self._version[s]) for s in distinct))
             rank = max(self._rank[s] for s in distinct)

@@ -4,8 +4,11 @@
 
 DIR is what ../shared/baselines/run.sh prepares (model/ and adapters/a0..): the same files the
 peers are measured on. Prints one JSON line:
-{"system": "tensafe-engine", "ready_s": ..., "requests": R, "tok_per_s": {"base", "one_adapter", "mixed_N"}}
-Each case is the best of two runs (as the vLLM peer script does), after a warm-up.
+{"system": "tensafe-engine", "ready_s": ..., "requests": R, "tok_per_s": {"base", "one_adapter", "mixed_N"},
+ "itl_ms": {"batch1_base", "batch1_adapter", "batch32_mixed"}, "cpu": {"flags": [...], "dtype": ...}}
+Each case is the best of two runs (as the vLLM peer script does), after a warm-up. Inter-token
+latency: the mean time between a stream's tokens after its first, for one sequence alone (the
+best of three) and for each of R concurrent mixed-adapter streams (their mean).
 """
 from __future__ import annotations
 
@@ -38,6 +41,38 @@ async def run_case(engine: Engine, questions: list[str], adapters: list[str | No
     return sum(counts) / (time.perf_counter() - t0)
 
 
+async def itl_ms(engine: Engine, questions: list[str], adapters: list[str | None], max_new: int, tag: str) -> float:
+    """Mean milliseconds between consecutive tokens of each stream, after its first, averaged
+    over the streams."""
+    sampling = SamplingParams(max_tokens=max_new, temperature=0.0, ignore_eos=True)
+
+    async def one(i: int) -> float:
+        req = GenerationRequest(request_id=f"{tag}-{i}", messages=[ChatMessage("user", questions[i % len(questions)])],
+                                sampling=sampling, adapter_id=adapters[i])
+        first = last = None
+        tokens = 0
+        async for chunk in engine.generate(req):
+            now = time.perf_counter()
+            if chunk.completion_tokens > tokens:
+                if first is None:
+                    first, first_tokens = now, chunk.completion_tokens
+                last, tokens = now, chunk.completion_tokens
+        assert first is not None and last is not None
+        return (last - first) / max(1, tokens - first_tokens) * 1000
+
+    values = await asyncio.gather(*(one(i) for i in range(len(adapters))))
+    return sum(values) / len(values)
+
+
+def cpu_flags() -> list[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    present = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+    return [f for f in ("avx512_bf16", "amx_bf16", "avx512f", "avx2") if f in present]
+
+
 async def main_async(args: argparse.Namespace) -> dict:
     w = load_workload()
     prepared: Path = args.prepared
@@ -65,10 +100,14 @@ async def main_async(args: argparse.Namespace) -> dict:
             best = max(best, await run_case(engine, q, adapters, max_new, f"{name}-{rep}"))
         result[name] = round(best, 1)
         print(f"{name}: {result[name]} tok/s", file=sys.stderr)
+    itl = {"batch1_base": min([await itl_ms(engine, q, [None], max_new, f"i0-{k}") for k in range(3)]),
+           "batch1_adapter": min([await itl_ms(engine, q, ["a0"], max_new, f"i1-{k}") for k in range(3)]),
+           f"batch{r}_mixed": await itl_ms(engine, q, cases[f"mixed_{n}"], max_new, "i2")}
     info = engine.info()
     engine.shutdown()
     return {"system": "tensafe-engine", "ready_s": round(ready_s, 2), "requests": r, "adapters": n,
-            "mode": args.mode, "dtype": info.dtype, "device": info.device, "tok_per_s": result}
+            "mode": args.mode, "dtype": info.dtype, "device": info.device, "tok_per_s": result,
+            "itl_ms": {k: round(v, 2) for k, v in itl.items()}, "cpu": {"flags": cpu_flags(), "dtype": info.dtype}}
 
 
 def main() -> None:
