@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +14,6 @@ from engine import (
     AdapterRankTooLarge,
     AdapterSlotsFull,
     Engine,
-    EngineConfig,
     GenerationRequest,
     InvalidAdapter,
     SamplingParams,
