@@ -19,7 +19,7 @@ import yaml
 
 from gateway.bearer import parse_tokens
 from gateway.settings import Settings
-from loadtests import sim_autoscale
+from loadtests import sim_autoscale, sim_fleet
 from scaler.cli import parse_args as scaler_args
 from scaler.demand import PoolConfig, duration_s
 
@@ -218,7 +218,7 @@ def test_the_gateways_settings_load_and_name_the_pool_service(overlay: str, secr
         assert m.group(2) == redis["metadata"]["name"] and int(m.group(3)) in [p["port"] for p in redis["spec"]["ports"]]
     assert settings.store_url != settings.quota_redis_url
     # the bounds on held requests are the ones the simulation models
-    assert (settings.hold_max_requests, settings.hold_timeout_s) == (sim_autoscale.HOLD_MAX, sim_autoscale.HOLD_TIMEOUT_S)
+    assert (settings.hold_max_requests, settings.hold_timeout_s) == (sim_fleet.HOLD_MAX, sim_fleet.HOLD_TIMEOUT_S)
     assert settings.admin_key == secret_values[("tensafe-gateway-keys", "admin-key")]
     from gateway.tenancy.keyprovider import EnvKeyProvider
 
