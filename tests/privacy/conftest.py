@@ -50,7 +50,7 @@ def he_keys(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def key_holder(he_keys: Path, tmp_path_factory):
-    """The key holder's URL; its process lives for the session."""
+    """The key holder's URL; its process lives for the whole test run."""
     port = _free_port()
     log = tmp_path_factory.mktemp("he-kh") / "stderr"
     env = {k: v for k, v in os.environ.items() if not k.startswith("TENSAFE_")}
