@@ -91,8 +91,6 @@ class PoolDiscovery:
     async def _resolve(self) -> None:
         p = self.pool
         urls = {url_of(p.dns_scheme, a, p.dns_port) for a in await self.resolver(p.dns_name, p.dns_port)}
-        remote = kind_of(p).remote
-        assert remote is not None, f"pool {p.name}: kind {p.kind} has no remote backends to discover"
         self.pending &= urls
         for url in sorted(urls - self._by_url.keys()):
             await self._try(url)
@@ -104,7 +102,7 @@ class PoolDiscovery:
     async def _try(self, url: str) -> None:
         p = self.pool
         remote = kind_of(p).remote
-        assert remote is not None
+        assert remote is not None, f"pool {p.name}: kind {p.kind} has no remote backends to discover"
         backend = remote(p, self.settings, url)
         try:
             await backend.start()
