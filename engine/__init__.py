@@ -5,7 +5,6 @@ Knows nothing of tenants, HTTP or packages: adapters arrive as plain tensors.
 from .config import DEFAULT_MODEL, EngineConfig, default_cache_dir
 from .delta import DeltaGenerator, DeltaHook
 from .engine import Engine
-from .lora import StackedLora
 from .errors import (
     AdapterError,
     AdapterExists,
@@ -21,6 +20,8 @@ from .errors import (
     InvalidRequest,
     ModelLoadError,
 )
+from .lora import StackedLora
+from .threads import confine, confined
 from .types import (
     LORA_TARGETS,
     AdapterConfig,
@@ -39,4 +40,5 @@ __all__ = [
     "EngineError", "EngineOverloaded", "InvalidAdapter", "InvalidRequest", "ModelLoadError", "LORA_TARGETS",
     "AdapterConfig", "Capacity", "ChatMessage", "FinishReason", "GenerationChunk", "GenerationRequest",
     "ModelInfo", "SamplingParams", "StackedLora", "default_cache_dir", "DeltaGenerator", "DeltaHook",
+    "confine", "confined",
 ]

@@ -43,6 +43,7 @@ from .prefix_cache import BLOCK, PrefixCache
 from .scheduler import Scheduler
 from .sequence import Sequence
 from .stops import StopMatcher
+from .threads import run_apart
 from .tokenizer import Tokenizer
 from .types import AdapterConfig, Capacity, ChatMessage, GenerationChunk, GenerationRequest, ModelInfo
 
@@ -87,6 +88,32 @@ class Engine:
     def __init__(self, config: EngineConfig) -> None:
         t0 = time.perf_counter()
         self.config = config
+        # built on a thread that ends with the build: an OpenMP team left on the caller's thread
+        # would make every parallel op of the step thread sleep and wake (see engine.threads)
+        run_apart(self._build, "tensafe-engine-build")
+        self._scheduler = Scheduler(
+            self.model, self.cache, self.lora, self.tokenizer, config.prefill_chunk_tokens, self.device,
+            self._released, self.prefixes,
+        )
+        self._lock = threading.Lock()
+        self._inflight: set[str] = set()
+        self._running = 0
+        self._users: collections.Counter[str] = collections.Counter()
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._arrivals = itertools.count()
+        self.load_seconds = time.perf_counter() - t0
+        log.info(
+            "engine ready: %s on %s/%s, %d sequence slots x %d tokens (KV %.0f MiB), %d adapter slots (rank <= %d), %.1fs",
+            self.name, self.device, str(self.dtype).removeprefix("torch."), self.cache.slots, self.max_model_len,
+            self.cache.nbytes / 2**20, config.max_loras, config.max_lora_rank, self.load_seconds,
+        )
+
+    def _build(self) -> None:
+        """The model, the KV cache and the adapter slots (torch work: runs apart)."""
+        config = self.config
         if config.threads:
             torch.set_num_threads(config.threads)
         self.device = _pick_device(config.device)
@@ -109,25 +136,6 @@ class Engine:
         self.name = config.model if "/" not in config.model else checkpoint.name
         blocks = config.prefix_cache_tokens // BLOCK
         self.prefixes = PrefixCache(self.cache, blocks) if blocks else None
-        self._scheduler = Scheduler(
-            self.model, self.cache, self.lora, self.tokenizer, config.prefill_chunk_tokens, self.device,
-            self._released, self.prefixes,
-        )
-        self._lock = threading.Lock()
-        self._inflight: set[str] = set()
-        self._running = 0
-        self._users: collections.Counter[str] = collections.Counter()
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._closed = False
-        self._arrivals = itertools.count()
-        self.load_seconds = time.perf_counter() - t0
-        log.info(
-            "engine ready: %s on %s/%s, %d sequence slots x %d tokens (KV %.0f MiB), %d adapter slots (rank <= %d), %.1fs",
-            self.name, self.device, str(self.dtype).removeprefix("torch."), slots, self.max_model_len,
-            self.cache.nbytes / 2**20, config.max_loras, config.max_lora_rank, self.load_seconds,
-        )
 
     # ---- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:

@@ -31,6 +31,7 @@ import torch
 
 from .errors import AdapterExists, AdapterNotFound, AdapterRankTooLarge, AdapterSlotsFull, InvalidAdapter
 from .model.weights import LlamaDims
+from .threads import confined
 from .types import LORA_TARGETS, AdapterConfig
 
 #: Projection groups as the fused weights lay them out: group -> modules in output order.
@@ -228,6 +229,7 @@ class LoraSlots:
             return self.num_slots - len(self._ids) - len(self._reserved)
 
     @torch.no_grad()
+    @confined()  # any thread, so never a team of its own beside the step thread's
     def prepare(self, adapter_id: str, tensors: Mapping[str, torch.Tensor], config: AdapterConfig) -> StackedLora:
         """Validate PEFT tensors and stack them per module in the slots' dtype, on the CPU
         (blocking; safe from any thread). A StackedLora prepared for these slots is returned as is."""

@@ -104,7 +104,10 @@ class Gateway:
         self.names = ModelNames(settings.model_name, int(time.time()), self.store,
                                 cache_ttl_s=settings.registry_cache_ttl_s)
         self.usage = UsageRecorder(self.store)
-        self.auto = AutoSelector(self.store)
+        # a process that runs the engine keeps its torch parallelism on the step thread alone
+        confine = next((b.confine_helper_thread for backends in self._static.values() for b in backends
+                        if hasattr(b, "confine_helper_thread")), None)
+        self.auto = AutoSelector(self.store, thread_initializer=confine)
         self.callers = Callers(self.auth)
         self._quota_redis = (redis_client(settings.quota_redis_url, settings.store_timeout_s)
                              if settings.quota_redis_url else None)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,7 +73,10 @@ class Encoder:
 
     def __init__(self, model_dir: str | Path | None = None, *, max_tokens: int = 128,
                  layers: tuple[int, ...] = DEFAULT_LAYERS, fp16_weights: bool = True,
-                 max_batch: int = 32, window_s: float = 0.0) -> None:
+                 max_batch: int = 32, window_s: float = 0.0,
+                 thread_initializer: Callable[[], object] | None = None) -> None:
+        """``thread_initializer`` runs first on the encoder's worker thread (a process that runs
+        an inference engine beside it keeps that thread's torch single-threaded)."""
         from tokenizers import Tokenizer
 
         path = Path(model_dir) if model_dir is not None else default_model_dir()
@@ -89,7 +93,8 @@ class Encoder:
         self._tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
         self._tokenizer.enable_truncation(max_tokens)
         self._tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="router-encoder")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="router-encoder",
+                                            initializer=thread_initializer)
         self._queue: _Queue | None = None
         self._closed = False
         self._stats_lock = threading.Lock()

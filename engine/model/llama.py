@@ -20,6 +20,7 @@ from ..lora import LoraDeltas
 from .rope import Rope
 from .weights import LlamaWeights
 
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Llama's RMSNorm with its reference numerics: normalize in float32, round to the model
     dtype, then scale (fused bf16 rms_norm drifts far enough to change greedy tokens)."""

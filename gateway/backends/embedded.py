@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import weakref
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
@@ -50,9 +51,25 @@ def _engine_config(config: LoraConfig) -> eng.AdapterConfig:
                              use_rslora=config.use_rslora)
 
 
+_CONFINED: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+
+
+def _confine_executor(loop: asyncio.AbstractEventLoop) -> None:
+    """The loop's executor threads (adapter parsing, the router's load) live as long as the
+    process: confined, none of them keeps an OpenMP team beside the step thread's."""
+    if loop not in _CONFINED:
+        _CONFINED.add(loop)
+        loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(
+            thread_name_prefix="tensafe-helper", initializer=eng.confine))
+
+
 class EmbeddedBackend:
     """Owns one :class:`engine.Engine`; the model loads in a worker thread on ``start``.
     ``engine``: one already running, which stays its owner's (``close`` leaves it running)."""
+
+    #: for the long-lived helper threads of a process that runs the engine: their torch work
+    #: runs single-threaded, so the step thread keeps the only OpenMP team (engine.threads)
+    confine_helper_thread = staticmethod(eng.confine)
 
     def __init__(self, config: eng.EngineConfig, name: str = "embedded", *, engine: eng.Engine | None = None) -> None:
         self.name = name
@@ -63,12 +80,8 @@ class EmbeddedBackend:
 
     async def start(self) -> None:
         if self.engine is None:
-            # A thread of its own that ends with the load: torch's OpenMP team lives as long as
-            # the thread that started it, and one left idle in the shared executor beside the
-            # step thread's team (more team threads than cores) makes every parallel op sleep
-            # and wake: adapter copies ran 2-3x slower.
-            with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tensafe-engine-load") as pool:
-                engine = await asyncio.get_running_loop().run_in_executor(pool, eng.Engine, self.config)
+            _confine_executor(asyncio.get_running_loop())
+            engine = await asyncio.to_thread(eng.Engine, self.config)  # builds on a thread of its own
             engine.start()
             self.engine = engine
             await self._warm_up(engine)

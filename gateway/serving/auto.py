@@ -7,8 +7,10 @@ a table that no longer validates at all answers ``invalid_expert_table`` until i
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,8 +53,10 @@ def invalid_table(problem: Exception) -> errors.InvalidRequest:
 class AutoSelector:
     """Picks the adapter for ``model: "auto"`` from the tenant's stored expert table."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, thread_initializer: Callable[[], object] | None = None) -> None:
+        """``thread_initializer``: for the encoder's worker thread (see router.Encoder)."""
         self.store = store
+        self._thread_initializer = thread_initializer
         self._router: Router | None = None
         self._loading = asyncio.Lock()
         # tenant -> (stored, parsed or why not): each stored version is parsed and logged once
@@ -63,7 +67,8 @@ class AutoSelector:
             async with self._loading:
                 if self._router is None:
                     t0 = time.perf_counter()
-                    encoder = await asyncio.to_thread(Encoder)
+                    encoder = await asyncio.to_thread(functools.partial(
+                        Encoder, thread_initializer=self._thread_initializer))
                     self._router = Router(encoder)
                     log.info("router encoder loaded in %.1fs", time.perf_counter() - t0)
         return self._router

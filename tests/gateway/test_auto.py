@@ -2,9 +2,14 @@
 are tenant input, matched by RE2, and a stored table is read back leniently."""
 from __future__ import annotations
 
+import asyncio
 import logging
 
-from .conftest import BASE
+import torch
+
+from gateway.app import create_app
+
+from .conftest import BASE, asgi_client, settings
 from .test_tenancy import CHAT, world  # noqa: F401 - the fixture
 
 TABLE = {
@@ -43,6 +48,22 @@ async def test_auto_routes_to_the_experts_adapter(world):  # noqa: F811
     r = await world.client.post("/v1/completions", json={"model": "auto", "prompt": "solve 2x = 10", "max_tokens": 1},
                                 headers=world.h("a"))
     assert r.headers["x-tensafe-adapter"] == "math-bot"
+
+
+async def test_helper_threads_beside_the_engine_run_torch_single_threaded(tmp_path):
+    # the encoder's thread and the loop's executor threads: a team of their own would make the
+    # step thread's parallel ops sleep and wake (engine.threads); beside the null backend
+    # nothing is confined
+    threads = {}
+    for backend in ("null", "embedded"):
+        app = create_app(settings(tmp_path / backend, backend=backend, max_num_seqs=2, max_model_len=128))
+        async with asgi_client(app):
+            router = await app.state.gateway.auto.router()
+            loop = asyncio.get_running_loop()
+            threads[backend] = (await loop.run_in_executor(router.encoder._executor, torch.get_num_threads),
+                                await asyncio.to_thread(torch.get_num_threads))
+    assert threads == {"embedded": (1, 1), "null": (torch.get_num_threads(),) * 2}
+    assert torch.get_num_threads() > 1  # or the test proves nothing
 
 
 async def test_expert_tables_are_per_tenant_and_validated(world):  # noqa: F811
