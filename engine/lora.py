@@ -15,6 +15,9 @@ transposed) and a block-diagonal ``B: [k, m*r, out]`` (m = modules of the group 
 targets, r = the largest rank in the batch). Rows are grouped by adapter, so a projection's
 LoRA delta is two batched matmuls whatever the mix, each row pays only for its own adapter, and
 each adapter's weights are read once per step (not once per row, as a per-row gather would).
+With many adapters in a batch, reading their weights is the cost: a group of several modules
+then expands each module apart (no block-diagonal zeros read), and when every row has an
+adapter of its own they are gathered in row order, so rows are neither gathered nor picked.
 """
 from __future__ import annotations
 
@@ -45,6 +48,10 @@ GROUPS: dict[str, tuple[str, ...]] = {
 _COMPOSITIONS_KEPT = 4
 _THIN_ROWS = 64  # a mixed forward pass of at most this many rows computes its LoRA in ``thin_dtype``
 _THIN_ROWS_ONE = 4  # and one of a single adapter
+#: from this many adapters in a batch, a group of several modules (q/k/v, gate/up) expands each
+#: module apart: the block-diagonal B would read (m - 1) zeros for each value, and with many
+#: adapters those reads cost more than the extra kernels
+_SPLIT_ADAPTERS = 16
 _NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
 
 
@@ -59,7 +66,10 @@ class LoraDeltas(Protocol):
 class GroupLora:
     a: torch.Tensor  # [layers, k, m*r, in]: the k adapters' A of the group's m modules, stacked
     # (used transposed: matmuls take the transposed view as is, and gathering stays row copies)
-    b: torch.Tensor  # [layers, k, m*r, out_group]: block-diagonal B, scaling folded in
+    b: torch.Tensor | None  # [layers, k, m*r, out_group]: block-diagonal B, scaling folded in
+    #: instead of ``b``, for many adapters: per module (first output column, B [layers, k, r, out_m]),
+    #: so each row's expand reads its modules' own B and none of the block-diagonal's zeros
+    parts: tuple[tuple[int, torch.Tensor], ...] = ()
 
 
 class LoraBatch:
@@ -94,6 +104,9 @@ class LoraBatch:
                     valid.append(i * self.width + j)
                     dest.append(rows[j])
                 gather.append(rows[j] if j < len(rows) else rows[0])
+        #: rows already in the padded order (each row its own adapter, the adapters gathered in
+        #: row order): nothing to gather or pick
+        self.in_order = gather == list(range(n))
         self.gather = torch.tensor(gather, device=device)
         self.dest = torch.tensor(dest, device=device)
         self.valid = None if len(valid) == len(gather) else torch.tensor(valid, device=device)
@@ -120,10 +133,25 @@ class LoraBatch:
             else:
                 out.add_(torch.mm(xa, g.b[layer, 0]))  # in the output's dtype
             return
-        xg = x.index_select(0, self.gather).view(self.k, self.width, -1)
+        xg = (x if self.in_order else x.index_select(0, self.gather)).view(self.k, self.width, -1)
         if xg.dtype != g.a.dtype:
             xg = xg.to(g.a.dtype)
-        y = torch.bmm(torch.bmm(xg, g.a[layer].transpose(1, 2)), g.b[layer]).view(self.k * self.width, -1)
+        # A @ x^T, transposed back as a view: 1.5x faster on the CPU than x @ A^T for these
+        # shapes (a few rows per adapter, rank 8-16), where reading A is the cost
+        xa = torch.bmm(g.a[layer], xg.transpose(1, 2)).transpose(1, 2)
+        if g.b is not None:
+            self._add(out, torch.bmm(xa, g.b[layer]))
+            return
+        r = xa.shape[-1] // len(g.parts)
+        for j, (col, b) in enumerate(g.parts):
+            self._add(out[:, col : col + b.shape[-1]], torch.bmm(xa[:, :, j * r : (j + 1) * r], b[layer]))
+
+    def _add(self, out: torch.Tensor, y: torch.Tensor) -> None:
+        """Add the padded ``[k, width, out]`` result's valid rows to their rows of ``out``."""
+        y = y.view(self.k * self.width, -1)
+        if self.in_order:
+            out.add_(y)
+            return
         if self.pick is not None:
             out.add_(y.index_select(0, self.pick))  # in the output's dtype
             return
@@ -392,6 +420,9 @@ class LoraSlots:
         distinct = sorted({s for s in token_slots if s >= 0})
         if not distinct:
             return None
+        if len(distinct) == len(token_slots) > 1:
+            # each row its own adapter: gathered in row order, so rows need no reordering
+            distinct = list(token_slots)
         thin = len(token_slots) <= (_THIN_ROWS if len(distinct) > 1 else _THIN_ROWS_ONE)
         dtype = self.thin_dtype if thin else self.dtype
         with self._lock:
@@ -422,6 +453,12 @@ class LoraSlots:
             outs = [self.dims.projection_shape(m)[1] for m in modules]
             # A[m]: [L, slots, max_rank, in] -> [L, k, rank, in], stacked over modules
             a = torch.cat([self.A[m][:, :, :rank].index_select(1, sel) for m in active], dim=2).to(dtype)
+            if len(active) > 1 and k >= _SPLIT_ADAPTERS:
+                parts = tuple((sum(outs[: modules.index(m)]),
+                               self.B[m][..., :rank].index_select(1, sel).transpose(2, 3).to(dtype).contiguous())
+                              for m in active)
+                groups[group] = GroupLora(a=a, b=None, parts=parts)
+                continue
             b = torch.zeros((L, k, len(active) * rank, sum(outs)), dtype=dtype, device=device)
             for j, m in enumerate(active):
                 col = sum(outs[: modules.index(m)])

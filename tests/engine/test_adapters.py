@@ -188,6 +188,9 @@ async def test_async_load_runs_between_steps_and_a_cancelled_load_gives_its_slot
     [2, -1, 0, 0, -1, 1, 2],  # base rows among them: scattered back
     [1, 1, 1],  # one adapter
     [-1, 1, -1],  # one adapter and the base model
+    list(range(17)),  # each row its own adapter, many of them: in row order, q/k/v expanded apart
+    [16, 3, 9, 0, 12, 5, 1, 14, 7, 2, 11, 4, 15, 6, 13, 8, 10],  # the same, rows in another order
+    [*range(16), 3, -1, 19],  # many adapters, one shared, a base row: expanded apart, scattered back
 ])
 def test_a_batch_s_lora_delta_is_each_row_s_own_adapter_s(token_slots, dtype):
     from engine.lora import GROUPS, LoraSlots
@@ -195,10 +198,10 @@ def test_a_batch_s_lora_delta_is_each_row_s_own_adapter_s(token_slots, dtype):
 
     dims = LlamaDims(hidden_size=16, intermediate_size=24, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=4,
                      vocab_size=32, rms_norm_eps=1e-5, max_position_embeddings=64, tie_word_embeddings=True)
-    slots = LoraSlots(dims, 3, 4, dtype, torch.device("cpu"))
+    slots = LoraSlots(dims, 20, 4, dtype, torch.device("cpu"))
     gen = torch.Generator().manual_seed(3)
     adapters = {}
-    for slot, rank in enumerate((2, 4, 3)):
+    for slot, rank in enumerate(((2, 4, 3) * 7)[:20]):
         tensors = {}
         for layer in range(dims.num_layers):
             for module in ("q_proj", "v_proj", "down_proj"):
@@ -211,6 +214,10 @@ def test_a_batch_s_lora_delta_is_each_row_s_own_adapter_s(token_slots, dtype):
         assert slots.load(f"a{slot}", tensors, config) == slot
         adapters[slot] = (tensors, config.scaling)
     batch = slots.batch(token_slots)
+    distinct = {s for s in token_slots if s >= 0}
+    if len(distinct) >= 16:  # the paths these cases are for
+        assert batch.groups["qkv"].b is None and len(batch.groups["qkv"].parts) == 2  # q and v
+        assert batch.in_order == (len(distinct) == len(token_slots))
     for group, layer in (("qkv", 1), ("down", 0)):
         fan_in = dims.projection_shape(GROUPS[group][0])[0]
         outs = [dims.projection_shape(m)[1] for m in GROUPS[group]]
