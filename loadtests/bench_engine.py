@@ -6,7 +6,8 @@ DIR is what ../shared/baselines/run.sh prepares (model/ and adapters/a0..): the 
 peers are measured on. Prints one JSON line:
 {"system": "tensafe-engine", "ready_s": ..., "requests": R, "tok_per_s": {"base", "one_adapter", "mixed_N"},
  "itl_ms": {"batch1_base", "batch1_adapter", "batch32_mixed"}, "cpu": {"flags": [...], "dtype": ...}}
-Each case is the best of two runs (as the vLLM peer script does), after a warm-up. Inter-token
+Each case is the best of two runs (as the vLLM peer script does), after a warm-up; the cases
+take turns (base, one adapter, mixed, then again), so a slow spell of the machine hits them all. Inter-token
 latency: the mean time between a stream's tokens after its first, for one sequence alone (the
 best of three) and for each of R concurrent mixed-adapter streams (their mean).
 """
@@ -93,13 +94,13 @@ async def main_async(args: argparse.Namespace) -> dict:
         "one_adapter": ["a0"] * r,
         f"mixed_{n}": [f"a{i % n}" for i in range(r)],
     }
-    result = {}
-    for name, adapters in cases.items():
-        best = 0.0
-        for rep in range(args.repeats):
-            best = max(best, await run_case(engine, q, adapters, max_new, f"{name}-{rep}"))
-        result[name] = round(best, 1)
-        print(f"{name}: {result[name]} tok/s", file=sys.stderr)
+    best = dict.fromkeys(cases, 0.0)
+    for rep in range(args.repeats):  # the cases take turns, so a slow spell of the machine hits them all
+        for name, adapters in cases.items():
+            tps = await run_case(engine, q, adapters, max_new, f"{name}-{rep}")
+            best[name] = max(best[name], tps)
+            print(f"{name} run {rep + 1}: {tps:.1f} tok/s", file=sys.stderr)
+    result = {name: round(value, 1) for name, value in best.items()}
     itl = {"batch1_base": min([await itl_ms(engine, q, [None], max_new, f"i0-{k}") for k in range(3)]),
            "batch1_adapter": min([await itl_ms(engine, q, ["a0"], max_new, f"i1-{k}") for k in range(3)]),
            f"batch{r}_mixed": await itl_ms(engine, q, cases[f"mixed_{n}"], max_new, "i2")}
