@@ -105,9 +105,10 @@ class Gateway:
                                 cache_ttl_s=settings.registry_cache_ttl_s)
         self.usage = UsageRecorder(self.store)
         # a process that runs the engine keeps its torch parallelism on the step thread alone
-        confine = next((b.confine_helper_thread for backends in self._static.values() for b in backends
-                        if hasattr(b, "confine_helper_thread")), None)
-        self.auto = AutoSelector(self.store, thread_initializer=confine)
+        self._engine_backend = next((b for backends in self._static.values() for b in backends
+                                     if hasattr(b, "confine_helper_thread")), None)
+        self.auto = AutoSelector(self.store, thread_initializer=getattr(self._engine_backend,
+                                                                        "confine_helper_thread", None))
         self.callers = Callers(self.auth)
         self._quota_redis = (redis_client(settings.quota_redis_url, settings.store_timeout_s)
                              if settings.quota_redis_url else None)
@@ -142,6 +143,8 @@ class Gateway:
 
     async def start(self) -> None:
         s = self.settings
+        if self._engine_backend is not None:  # before the loop's executor first runs anything
+            self._engine_backend.confine_executor(asyncio.get_running_loop())
         await self.store.init()
         self._local = await asyncio.to_thread(self._read_local_adapters)
         source = self._source = TsspSource(StoredPackages(self.store, self.blobs),

@@ -54,9 +54,10 @@ def _engine_config(config: LoraConfig) -> eng.AdapterConfig:
 _CONFINED: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
 
 
-def _confine_executor(loop: asyncio.AbstractEventLoop) -> None:
+def confine_executor(loop: asyncio.AbstractEventLoop) -> None:
     """The loop's executor threads (adapter parsing, the router's load) live as long as the
-    process: confined, none of them keeps an OpenMP team beside the step thread's."""
+    process: confined, none of them keeps an OpenMP team beside the step thread's. Call it
+    before the loop's executor first runs anything (idempotent)."""
     if loop not in _CONFINED:
         _CONFINED.add(loop)
         loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(
@@ -70,6 +71,7 @@ class EmbeddedBackend:
     #: for the long-lived helper threads of a process that runs the engine: their torch work
     #: runs single-threaded, so the step thread keeps the only OpenMP team (engine.threads)
     confine_helper_thread = staticmethod(eng.confine)
+    confine_executor = staticmethod(confine_executor)
 
     def __init__(self, config: eng.EngineConfig, name: str = "embedded", *, engine: eng.Engine | None = None) -> None:
         self.name = name
@@ -80,7 +82,7 @@ class EmbeddedBackend:
 
     async def start(self) -> None:
         if self.engine is None:
-            _confine_executor(asyncio.get_running_loop())
+            confine_executor(asyncio.get_running_loop())
             engine = await asyncio.to_thread(eng.Engine, self.config)  # builds on a thread of its own
             engine.start()
             self.engine = engine
