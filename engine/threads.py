@@ -18,6 +18,7 @@ import ctypes
 import os
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TypeVar
 
 import torch
@@ -28,57 +29,69 @@ T = TypeVar("T")
 _RUNTIMES = ("libgomp.so.1", "libiomp5.so", "libomp.so", "libomp.dylib", "libiomp5.dylib")
 
 
-def _runtime() -> ctypes.CDLL | None:
-    """The OpenMP runtime torch has loaded (never a second copy: RTLD_NOLOAD), if any."""
+def _loaded(name: str) -> ctypes.CDLL | None:
+    """A library the process has already loaded (never a second copy: RTLD_NOLOAD)."""
+    try:
+        return ctypes.CDLL(name, mode=getattr(os, "RTLD_NOLOAD", 0) | getattr(os, "RTLD_LOCAL", 0))
+    except OSError:
+        return None
+
+
+def _runtime() -> tuple[ctypes.CDLL | None, ctypes.CDLL | None]:
+    """The OpenMP runtime torch has loaded, and the library with MKL's thread-local control
+    (torch's x86 builds link MKL statically), each if there is one."""
     torch.get_num_threads()  # makes sure torch (and its runtime) is initialised
-    mode = getattr(os, "RTLD_NOLOAD", 0) | getattr(os, "RTLD_LOCAL", 0)
-    for name in _RUNTIMES:
-        try:
-            lib = ctypes.CDLL(name, mode=mode)
-        except OSError:
-            continue
-        lib.omp_set_num_threads.argtypes = [ctypes.c_int]
-        lib.omp_get_max_threads.restype = ctypes.c_int
-        return lib
-    return None
+    omp = next((lib for lib in map(_loaded, _RUNTIMES) if lib is not None), None)
+    if omp is not None:
+        omp.omp_set_num_threads.argtypes = [ctypes.c_int]
+        omp.omp_get_max_threads.restype = ctypes.c_int
+    mkl = _loaded(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+    if mkl is not None and hasattr(mkl, "MKL_Set_Num_Threads_Local"):
+        mkl.MKL_Set_Num_Threads_Local.argtypes = [ctypes.c_int]
+        mkl.MKL_Set_Num_Threads_Local.restype = ctypes.c_int
+    else:
+        mkl = None
+    return omp, mkl
 
 
-_LIB: list[ctypes.CDLL | None] = []
+_LIBS: list[tuple[ctypes.CDLL | None, ctypes.CDLL | None]] = []
 
 
-def _omp() -> ctypes.CDLL | None:
-    if not _LIB:
-        _LIB.append(_runtime())
-    return _LIB[0]
-
-
-def _set(threads: int) -> int:
-    """Set the calling thread's team size; returns the previous one (0: no OpenMP runtime)."""
+def _set(threads: int) -> tuple[int, int]:
+    """Set the calling thread's team size (OpenMP's, and MKL's for this thread: MKL follows a
+    process-wide count once ``torch.set_num_threads`` was called); returns what to restore
+    (0: nothing to restore)."""
     torch.get_num_threads()  # torch sets each thread's team size once, on its first parallel call
-    lib = _omp()
-    if lib is None:
-        return 0
-    before = lib.omp_get_max_threads()
-    lib.omp_set_num_threads(threads)
-    return before
+    if not _LIBS:
+        _LIBS.append(_runtime())
+    omp, mkl = _LIBS[0]
+    before = 0
+    if omp is not None:
+        before = omp.omp_get_max_threads()
+        omp.omp_set_num_threads(threads)
+    mkl_before = mkl.MKL_Set_Num_Threads_Local(threads) if mkl is not None else 0
+    return before, mkl_before
 
 
 def confine() -> bool:
     """From now on, torch ops on the calling thread run on it alone (no OpenMP team). For the
     initializer of a long-lived helper thread; affects no other thread. False when torch runs
     without an OpenMP runtime that can be found (then nothing changes)."""
-    return _set(1) > 0
+    return _set(1)[0] > 0
 
 
 @contextlib.contextmanager
 def confined() -> Iterator[None]:
     """The block's torch ops run on the calling thread alone; its team size is restored after."""
-    before = _set(1)
+    before, mkl_before = _set(1)
     try:
         yield
     finally:
-        if before > 1:
-            _set(before)
+        omp, mkl = _LIBS[0]
+        if omp is not None and before > 1:
+            omp.omp_set_num_threads(before)
+        if mkl is not None:
+            mkl.MKL_Set_Num_Threads_Local(mkl_before)  # 0: back to the process-wide count
 
 
 def run_apart(fn: Callable[[], T], name: str) -> T:

@@ -73,6 +73,30 @@ def test_a_thread_that_ran_parallel_work_keeps_a_team_unless_confined():
     assert got == {"False": 2, "True": 1}
 
 
+def test_a_confined_thread_starts_no_team_after_a_process_wide_thread_count():
+    # torch.set_num_threads also sets MKL's process-wide count, which MKL then follows instead of
+    # the calling thread's OpenMP setting: confining sets MKL's count for the thread too
+    got = run_script("""
+        import json
+        from engine import confine
+        torch.set_num_threads(2)
+        def helper(done, go):
+            confine()
+            parallel_work()
+            done.set()
+            go.wait()
+        before = native()
+        done, go = threading.Event(), threading.Event()
+        t = threading.Thread(target=helper, args=(done, go))
+        t.start()
+        done.wait()
+        print(json.dumps({"extra": native() - before}))
+        go.set()
+        t.join()
+        """)
+    assert got == {"extra": 1}  # the helper alone
+
+
 def test_an_engine_built_on_a_long_lived_thread_leaves_no_team_there(tmp_path):
     # built on the main thread, run, given a rank-64 adapter from the main thread, shut down:
     # while it runs, the extra native threads are the step thread's team; after, none remain
