@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -37,10 +38,10 @@ def _loaded(name: str) -> ctypes.CDLL | None:
         return None
 
 
+@functools.cache
 def _runtime() -> tuple[ctypes.CDLL | None, ctypes.CDLL | None]:
     """The OpenMP runtime torch has loaded, and the library with MKL's thread-local control
     (torch's x86 builds link MKL statically), each if there is one."""
-    torch.get_num_threads()  # makes sure torch (and its runtime) is initialised
     omp = next((lib for lib in map(_loaded, _RUNTIMES) if lib is not None), None)
     if omp is not None:
         omp.omp_set_num_threads.argtypes = [ctypes.c_int]
@@ -54,17 +55,12 @@ def _runtime() -> tuple[ctypes.CDLL | None, ctypes.CDLL | None]:
     return omp, mkl
 
 
-_LIBS: list[tuple[ctypes.CDLL | None, ctypes.CDLL | None]] = []
-
-
 def _set(threads: int) -> tuple[int, int]:
     """Set the calling thread's team size (OpenMP's, and MKL's for this thread: MKL follows a
     process-wide count once ``torch.set_num_threads`` was called); returns what to restore
     (0: nothing to restore)."""
     torch.get_num_threads()  # torch sets each thread's team size once, on its first parallel call
-    if not _LIBS:
-        _LIBS.append(_runtime())
-    omp, mkl = _LIBS[0]
+    omp, mkl = _runtime()
     before = 0
     if omp is not None:
         before = omp.omp_get_max_threads()
@@ -87,7 +83,7 @@ def confined() -> Iterator[None]:
     try:
         yield
     finally:
-        omp, mkl = _LIBS[0]
+        omp, mkl = _runtime()
         if omp is not None and before > 1:
             omp.omp_set_num_threads(before)
         if mkl is not None:

@@ -33,6 +33,24 @@ COUNT = textwrap.dedent("""
     def parallel_work():  # large enough for torch to start a team
         x = torch.randn(1024, 1024)
         return float((x @ x).sum() + torch.nn.functional.silu(x).sum())
+    def helper_threads(confined):
+        # native threads a live helper adds once it ran parallel work: itself, plus its team
+        from engine import confine
+        done, go = threading.Event(), threading.Event()
+        def helper():
+            if confined:
+                confine()
+            parallel_work()
+            done.set()
+            go.wait()
+        before = native()
+        t = threading.Thread(target=helper)
+        t.start()
+        done.wait()
+        added = native() - before
+        go.set()
+        t.join()
+        return added
     """)
 
 
@@ -43,32 +61,12 @@ def run_script(body: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts threads in /proc")
-
-
 def test_a_thread_that_ran_parallel_work_keeps_a_team_unless_confined():
     # the premise: an unconfined helper's team outlives its work; a confined helper starts none
     got = run_script("""
         import json
-        from engine import confine
         parallel_work()  # the main thread's team, first
-        def helper(confined, done, go):
-            if confined:
-                confine()
-            parallel_work()
-            done.set()
-            go.wait()
-        result = {}
-        for confined in (False, True):
-            before = native()
-            done, go = threading.Event(), threading.Event()
-            t = threading.Thread(target=helper, args=(confined, done, go))
-            t.start()
-            done.wait()
-            result[str(confined)] = native() - before  # the helper itself, plus its team
-            go.set()
-            t.join()
-        print(json.dumps(result))
+        print(json.dumps({str(confined): helper_threads(confined) for confined in (False, True)}))
         """)
     assert got == {"False": 2, "True": 1}
 
@@ -78,21 +76,8 @@ def test_a_confined_thread_starts_no_team_after_a_process_wide_thread_count():
     # the calling thread's OpenMP setting: confining sets MKL's count for the thread too
     got = run_script("""
         import json
-        from engine import confine
         torch.set_num_threads(2)
-        def helper(done, go):
-            confine()
-            parallel_work()
-            done.set()
-            go.wait()
-        before = native()
-        done, go = threading.Event(), threading.Event()
-        t = threading.Thread(target=helper, args=(done, go))
-        t.start()
-        done.wait()
-        print(json.dumps({"extra": native() - before}))
-        go.set()
-        t.join()
+        print(json.dumps({"extra": helper_threads(True)}))
         """)
     assert got == {"extra": 1}  # the helper alone
 
