@@ -7,9 +7,9 @@ peers are measured on. Prints one JSON line:
 {"system": "tensafe-engine", "ready_s": ..., "requests": R, "tok_per_s": {"base", "one_adapter", "mixed_N"},
  "itl_ms": {"batch1_base", "batch1_adapter", "batch32_mixed"}, "cpu": {"flags": [...], "dtype": ...}}
 Each case is the best of two runs (as the vLLM peer script does), after a warm-up; the cases
-take turns (base, one adapter, mixed, then again), so a slow spell of the machine hits them all. Inter-token
-latency: the mean time between a stream's tokens after its first, for one sequence alone (the
-best of three) and for each of R concurrent mixed-adapter streams (their mean).
+take turns (base, one adapter, mixed, then again), so a slow spell of the machine hits them all.
+Inter-token latency: the mean time between a stream's tokens after its first, for one sequence
+alone (the best of three) and for each of R concurrent mixed-adapter streams (their mean).
 """
 from __future__ import annotations
 
