@@ -42,6 +42,9 @@ class EngineConfig:
     max_lora_rank: int = 16
     #: eager: fast start; compile: torch.compile the decode step (compile cache kept on disk).
     mode: Literal["eager", "compile"] = "eager"
+    #: eager mode on the CPU: compile decode attention in the background and switch to it when
+    #: ready (needs a C++ compiler; without one, or when off, SDPA throughout).
+    compiled_kernels: bool = True
     threads: int | None = None  # torch intra-op threads; None = torch's default
 
     def __post_init__(self) -> None:

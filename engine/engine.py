@@ -33,6 +33,7 @@ from .errors import (
     EngineOverloaded,
     InvalidRequest,
 )
+from .kernels import BackgroundKernels
 from .kv_cache import KVCache, plan_slots
 from .lora import LoraSlots, StackedLora
 from .model.checkpoint import resolve_checkpoint
@@ -129,7 +130,13 @@ class Engine:
         self.cache = KVCache(dims, slots, self.max_model_len, self.dtype, self.device)
         self.lora = LoraSlots(dims, config.max_loras, config.max_lora_rank, self.dtype, self.device)
         rope = Rope(checkpoint, self.max_model_len, self.dtype, self.device)
-        self.model = LlamaModel(weights, rope, self.cache)
+        # in eager mode on the CPU, decode attention switches to a compiled kernel once one is
+        # built in the background (engine.kernels); the compiled mode compiles the whole step
+        kernels = None
+        if config.mode == "eager" and config.compiled_kernels and self.device.type == "cpu":
+            _use_compile_cache(config.cache_dir)
+            kernels = BackgroundKernels()
+        self.model = LlamaModel(weights, rope, self.cache, kernels)
         if config.mode == "compile":
             _use_compile_cache(config.cache_dir)
             self.model.compile()
@@ -138,6 +145,15 @@ class Engine:
         self.prefixes = PrefixCache(self.cache, blocks) if blocks else None
 
     # ---- lifecycle ------------------------------------------------------------------------
+    def wait_for_kernels(self, timeout: float | None = None) -> list[str]:
+        """Block until no kernel compiles in the background (benchmarks, tests); the names of
+        those in use."""
+        kernels = self.model.kernels
+        if kernels is None:
+            return []
+        kernels.wait(timeout)
+        return [key[0] for key in kernels.ready]
+
     def start(self) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="tensafe-engine", daemon=True)

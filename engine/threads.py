@@ -77,9 +77,10 @@ def confine() -> bool:
 
 
 @contextlib.contextmanager
-def confined() -> Iterator[None]:
-    """The block's torch ops run on the calling thread alone; its team size is restored after."""
-    before, mkl_before = _set(1)
+def confined(threads: int = 1) -> Iterator[None]:
+    """The block's torch ops run on the calling thread alone (or on a team of ``threads``); its
+    team size is restored after."""
+    before, mkl_before = _set(threads)
     try:
         yield
     finally:

@@ -231,6 +231,7 @@ class Settings:
     device: str = "auto"
     dtype: str = "auto"
     engine_mode: str = "eager"
+    engine_compiled_kernels: bool = True  # eager on the CPU: decode attention compiled in the background
     max_num_seqs: int = 32
     max_model_len: int = 2048
     max_queue: int = 256

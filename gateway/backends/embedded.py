@@ -43,6 +43,7 @@ def engine_config(settings: Settings) -> eng.EngineConfig:
         max_num_seqs=settings.max_num_seqs, max_model_len=settings.max_model_len, max_queue=settings.max_queue,
         prefill_chunk_tokens=settings.prefill_chunk_tokens, max_loras=settings.max_loras,
         max_lora_rank=settings.max_lora_rank, mode=settings.engine_mode,  # type: ignore[arg-type]
+        compiled_kernels=settings.engine_compiled_kernels,
     )
 
 
