@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import collections
 import logging
+import itertools
 import shutil
 import threading
+import types
 from collections.abc import Callable, Sequence
 
 import torch
@@ -27,6 +29,7 @@ from .threads import confined
 log = logging.getLogger("tensafe.engine")
 
 Kernel = Callable[..., torch.Tensor]
+_serial = itertools.count()
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
@@ -104,7 +107,12 @@ class BackgroundKernels:
                 import torch._inductor.config as inductor_config
 
                 inductor_config.compile_threads = 1  # in this process: no worker pool forked from a server
-                compiled = torch.compile(fn, fullgraph=True)
+                # a code object of its own: torch keeps compiled versions per code object, up to
+                # a limit past which it runs the function uncompiled; engines that differ in
+                # dtype or cache length would otherwise add up in one process (tests)
+                own = types.FunctionType(fn.__code__.replace(co_name=f"{fn.__name__}_{next(_serial)}"),
+                                         fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+                compiled = torch.compile(own, fullgraph=True)
                 args = list(example())
                 for arg, dim in dynamic:
                     torch._dynamo.mark_dynamic(args[arg], dim)
