@@ -3,20 +3,21 @@
 Compilation takes seconds, so it never happens on the step thread: the first step that could
 use a kernel asks for it and runs its eager version meanwhile; a helper thread compiles it
 (torch keeps the result on disk, so a restart finds it in about a second) and later steps use
-it. A kernel is compiled for the step thread's team size and in inference mode, with its row
-dimension dynamic, so the step thread never meets a guard that fails and recompiles. Where no
-C++ compiler can run, the first request fails, is logged once, and eager stays.
+it. A kernel is compiled for the step thread's team size and in inference mode, with the sizes
+its caller names left dynamic, so the step thread never meets a guard that fails and
+recompiles. Without a C++ compiler the kernels are off from the start; a compilation that
+fails is logged once and turns them off; either way eager stays.
 
 The decode attention is one: SDPA's CPU flash kernel spends most of a decode step's attention
 time on overhead for a few query heads per KV head; the compiled version reads each cached key
-and value row once per step, in a single fused loop, 10-17% faster decode steps here
+and value row once per step, in a single fused loop: 32-row decode steps 6-19% faster here
 (README, "The engine").
 """
 from __future__ import annotations
 
 import collections
-import logging
 import itertools
+import logging
 import shutil
 import threading
 import types

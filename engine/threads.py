@@ -85,7 +85,7 @@ def confined(threads: int = 1) -> Iterator[None]:
         yield
     finally:
         omp, mkl = _runtime()
-        if omp is not None and before > 1:
+        if omp is not None and before != threads:
             omp.omp_set_num_threads(before)
         if mkl is not None:
             mkl.MKL_Set_Num_Threads_Local(mkl_before)  # 0: back to the process-wide count
