@@ -45,6 +45,9 @@ class EngineConfig:
     #: eager mode on the CPU: compile decode attention in the background and switch to it when
     #: ready (needs a C++ compiler; without one, or when off, SDPA throughout).
     compiled_kernels: bool = True
+    #: eager mode with bf16 on the CPU: the layer projections' weights reordered once into
+    #: oneDNN's layout (engine.model.packed); off: plain F.linear
+    packed_weights: bool = True
     threads: int | None = None  # torch intra-op threads; None = torch's default
 
     def __post_init__(self) -> None:

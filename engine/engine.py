@@ -38,6 +38,7 @@ from .kv_cache import KVCache, plan_slots
 from .lora import LoraSlots, StackedLora
 from .model.checkpoint import resolve_checkpoint
 from .model.llama import LlamaModel
+from .model.packed import can_pack, pack_layers
 from .model.rope import Rope
 from .model.weights import load_weights
 from .prefix_cache import BLOCK, PrefixCache
@@ -136,7 +137,9 @@ class Engine:
         if config.mode == "eager" and config.compiled_kernels and self.device.type == "cpu":
             _use_compile_cache(config.cache_dir)
             kernels = BackgroundKernels()
-        self.model = LlamaModel(weights, rope, self.cache, kernels)
+        # eager on a bf16 CPU: the layer projections' weights in oneDNN's layout (engine.model.packed)
+        packed = config.mode == "eager" and config.packed_weights and can_pack(self.dtype, self.device) and pack_layers(weights)
+        self.model = LlamaModel(weights, rope, self.cache, kernels, packed)
         if config.mode == "compile":
             _use_compile_cache(config.cache_dir)
             self.model.compile()

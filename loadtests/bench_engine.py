@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch.nn.functional as F
+
 from engine import ChatMessage, Engine, EngineConfig, GenerationRequest, SamplingParams
 from engine.peft_dir import load_peft_dir
 
@@ -82,7 +84,8 @@ async def main_async(args: argparse.Namespace) -> dict:
     engine = Engine(EngineConfig(model=str(prepared / "model"), max_num_seqs=args.max_num_seqs or r,
                                  max_model_len=1024, max_loras=max(n, 1), max_lora_rank=max(8, w["adapter_rank"]),
                                  mode=args.mode, dtype=args.dtype, max_queue=r,
-                                 compiled_kernels=not args.no_compiled_kernels))
+                                 compiled_kernels=not args.no_compiled_kernels,
+                                 packed_weights=not args.no_packed_weights))
     engine.start()
     ready_s = time.perf_counter() - t0
     for i in range(n):
@@ -111,7 +114,8 @@ async def main_async(args: argparse.Namespace) -> dict:
     info = engine.info()
     engine.shutdown()
     return {"system": "tensafe-engine", "ready_s": round(ready_s, 2), "requests": r, "adapters": n,
-            "mode": args.mode, "compiled_kernels": kernels, "dtype": info.dtype, "device": info.device, "tok_per_s": result,
+            "mode": args.mode, "compiled_kernels": kernels,
+            "packed_weights": engine.model.linear is not F.linear, "dtype": info.dtype, "device": info.device, "tok_per_s": result,
             "itl_ms": {k: round(v, 2) for k, v in itl.items()}, "cpu": {"flags": cpu_flags(), "dtype": info.dtype}}
 
 
@@ -124,6 +128,7 @@ def main() -> None:
     ap.add_argument("--mode", choices=["eager", "compile"], default="eager")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--no-compiled-kernels", action="store_true", help="eager: SDPA decode attention throughout")
+    ap.add_argument("--no-packed-weights", action="store_true", help="eager bf16 CPU: plain F.linear layer weights")
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
     if not (args.prepared / "model" / "config.json").is_file():

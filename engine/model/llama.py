@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from ..kernels import BackgroundKernels, Kernel, decode_attention
 from ..kv_cache import KVCache
 from ..lora import LoraDeltas
+from .packed import packed_linear
 from .rope import Rope
 from .weights import LlamaWeights
 
@@ -39,8 +40,11 @@ AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Te
 
 
 class LlamaModel:
-    def __init__(self, weights: LlamaWeights, rope: Rope, cache: KVCache, kernels: BackgroundKernels | None = None) -> None:
+    def __init__(self, weights: LlamaWeights, rope: Rope, cache: KVCache, kernels: BackgroundKernels | None = None,
+                 packed: bool = False) -> None:
         self.w = weights
+        #: the layer projections' product: oneDNN's on weights ``pack_layers`` packed, else F.linear
+        self.linear = packed_linear if packed else F.linear
         #: where decode attention's compiled kernel comes from (None: SDPA always)
         self.kernels = kernels
         self.dims = weights.dims
@@ -57,9 +61,10 @@ class LlamaModel:
         n = h.shape[0]
         cos, sin = self.rope.tables(positions)
         hd = d.head_dim
+        linear = self.linear
         for i, lw in enumerate(self.w.layers):
             x = rms_norm(h, lw.input_norm, eps)
-            qkv = F.linear(x, lw.qkv)
+            qkv = linear(x, lw.qkv)
             if lora is not None:
                 lora.apply("qkv", i, x, qkv)
             qk = qkv[:, : d.q_size + d.kv_size].view(n, d.num_heads + d.num_kv_heads, hd)
@@ -68,17 +73,17 @@ class LlamaModel:
             k = qk[:, d.num_heads :]
             v = qkv[:, d.q_size + d.kv_size :].view(n, d.num_kv_heads, hd)
             attn = attend(i, q, k, v)  # [n, q_size]
-            o = F.linear(attn, lw.o)
+            o = linear(attn, lw.o)
             if lora is not None:
                 lora.apply("o", i, attn, o)
             h = h + o
             x = rms_norm(h, lw.post_norm, eps)
-            gu = F.linear(x, lw.gate_up)
+            gu = linear(x, lw.gate_up)
             if lora is not None:
                 lora.apply("gate_up", i, x, gu)
             gate, up = gu.chunk(2, dim=-1)
             act = F.silu(gate) * up
-            down = F.linear(act, lw.down)
+            down = linear(act, lw.down)
             if lora is not None:
                 lora.apply("down", i, act, down)
             h = h + down
