@@ -182,6 +182,7 @@ async def test_async_load_runs_between_steps_and_a_cancelled_load_gives_its_slot
     assert sorted(engine.adapters()) == ["a", "c"]
 
 
+@pytest.mark.parametrize("x_at", [True, False], ids=["x@At", "A@xt"])  # the two forms of the shrink
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("token_slots", [
     [0, 0, 1, 2, 2, 2],  # every row on an adapter, unequal groups: rows picked from the padded result
@@ -192,13 +193,15 @@ async def test_async_load_runs_between_steps_and_a_cancelled_load_gives_its_slot
     [16, 3, 9, 0, 12, 5, 1, 14, 7, 2, 11, 4, 15, 6, 13, 8, 10],  # the same, rows in another order
     [*range(16), 3, -1, 19],  # many adapters, one shared, a base row: expanded apart, scattered back
 ])
-def test_a_batch_s_lora_delta_is_each_row_s_own_adapter_s(token_slots, dtype):
+def test_a_batch_s_lora_delta_is_each_row_s_own_adapter_s(token_slots, dtype, x_at):
     from engine.lora import GROUPS, LoraSlots
     from engine.model.weights import LlamaDims
 
     dims = LlamaDims(hidden_size=16, intermediate_size=24, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=4,
                      vocab_size=32, rms_norm_eps=1e-5, max_position_embeddings=64, tie_word_embeddings=True)
     slots = LoraSlots(dims, 20, 4, dtype, torch.device("cpu"))
+    assert isinstance(slots.shrink_x_at, bool)  # timed on this machine
+    slots.shrink_x_at = x_at
     gen = torch.Generator().manual_seed(3)
     adapters = {}
     for slot, rank in enumerate(((2, 4, 3) * 7)[:20]):
@@ -214,6 +217,7 @@ def test_a_batch_s_lora_delta_is_each_row_s_own_adapter_s(token_slots, dtype):
         assert slots.load(f"a{slot}", tensors, config) == slot
         adapters[slot] = (tensors, config.scaling)
     batch = slots.batch(token_slots)
+    assert batch.x_at == x_at
     distinct = {s for s in token_slots if s >= 0}
     if len(distinct) >= 16:  # the paths these cases are for
         assert batch.groups["qkv"].b is None and len(batch.groups["qkv"].parts) == 2  # q and v
