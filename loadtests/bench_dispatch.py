@@ -11,10 +11,14 @@ capacity; every policy gets the same arrivals (the seed is printed). One JSON li
      "tok_per_s"}}, "seed": ..., "bars": ..., "meets_bars": ...}
 
 Bars: affinity makes at most half of round-robin's adapter loads, and its TTFT p99 is at most
-0.8x gie's. Beside the policies, ``ideal_pooled`` is a floor for the loads on the same arrivals:
-all 16 adapter slots in one pool with no sequence-slot limit, each request holding its adapter
-for one full-batch service time, a miss evicting the coldest idle adapter (what any policy over
-partitioned backends can at best approach).
+0.8x gie's. Beside the policies, three floors for the loads on the same arrivals, all with the
+16 adapter slots in one pool and no sequence-slot limit: ``ideal_pooled`` (each request holds
+its adapter for one full-batch service time, a miss evicts the coldest idle adapter: what any
+policy over partitioned backends can at best approach), ``oracle_popularity`` (the same, but a
+miss evicts the idle adapter of the lowest true popularity: for requests drawn independently
+from a known distribution, the best any policy that does not see the future can do) and
+``clairvoyant`` (Belady's: evict the adapter asked for again last, knowing every future
+arrival and ignoring that requests hold their adapters: no policy reaches it).
 
     python -m loadtests.bench_dispatch [--requests 512] [--seed 1] [--load 0.7]
 """
@@ -112,8 +116,34 @@ async def run_policy(policy: str, plan: list[tuple[float, str]], seed: int) -> d
             "tok_per_s": round(tokens / elapsed, 1)}
 
 
-def ideal_pooled_loads(plan: list[tuple[float, str]], half_life_s: float = 10.0) -> int:
-    """The loads of one pool of every adapter slot (see the module docstring)."""
+def popularity() -> dict[str, float]:
+    """Each adapter's share of the requests (what ``arrivals`` draws from)."""
+    weights = [1 / (i + 1) for i in range(ADAPTERS)]
+    return {f"t{i % TENANTS}/a{i}": w / sum(weights) for i, w in enumerate(weights)}
+
+
+def clairvoyant_loads(plan: list[tuple[float, str]]) -> int:
+    """Belady's loads over every adapter slot in one pool (see the module docstring)."""
+    names = [a for _, a in plan]
+    following, seen = [0] * len(names), {}
+    for i in range(len(names) - 1, -1, -1):  # where each arrival's adapter is asked for next
+        following[i] = seen.get(names[i], len(names))
+        seen[names[i]] = i
+    resident: dict[str, int] = {}  # adapter -> the arrival that asks for it next
+    loads = 0
+    for i, a in enumerate(names):
+        if a not in resident:
+            loads += 1
+            if len(resident) >= BACKENDS * ADAPTER_SLOTS:
+                del resident[max(resident, key=resident.__getitem__)]
+        resident[a] = following[i]
+    return loads
+
+
+def ideal_pooled_loads(plan: list[tuple[float, str]], half_life_s: float = 10.0,
+                       known: dict[str, float] | None = None) -> int:
+    """The loads of one pool of every adapter slot (see the module docstring); with ``known``
+    popularity, a miss evicts the least popular idle adapter instead of the coldest."""
     import heapq
 
     service_s = NEW_TOKENS * (TOKEN_S + PER_SEQ_S * (SEQ_SLOTS - 1))
@@ -139,7 +169,7 @@ def ideal_pooled_loads(plan: list[tuple[float, str]], half_life_s: float = 10.0)
             loads += 1
             idle = [x for x in resident if not held.get(x)]
             if len(resident) >= slots and idle:
-                resident.discard(min(idle, key=lambda x: heat_at(x, t)))
+                resident.discard(min(idle, key=known.__getitem__ if known else lambda x: heat_at(x, t)))
             resident.add(a)
         held[a] = held.get(a, 0) + 1
         heapq.heappush(ends, (t + service_s, a))
@@ -156,10 +186,11 @@ async def main_async(args: argparse.Namespace) -> dict:
     a, rr, gie = results["affinity"], results["round_robin"], results["gie"]
     loads_ratio = a["adapter_loads"] / max(1, rr["adapter_loads"])
     p99_ratio = a["ttft_ms"]["p99"] / max(1e-9, gie["ttft_ms"]["p99"])
-    ideal = ideal_pooled_loads(plan)
+    floors = {"ideal_pooled": ideal_pooled_loads(plan), "oracle_popularity": ideal_pooled_loads(plan, known=popularity()),
+              "clairvoyant": clairvoyant_loads(plan)}
     return {"bench": "dispatch", "policies": results, "seed": args.seed, "requests": args.requests,
-            "load": args.load, "ideal_pooled": {"adapter_loads": ideal,
-                                                "vs_round_robin": round(ideal / max(1, rr["adapter_loads"]), 3)},
+            "load": args.load, **{name: {"adapter_loads": loads, "vs_round_robin": round(loads / max(1, rr["adapter_loads"]), 3)}
+                                  for name, loads in floors.items()},
             "ratios": {"loads_vs_round_robin": round(loads_ratio, 3), "ttft_p99_vs_gie": round(p99_ratio, 3)},
             "bars": {"loads_vs_round_robin": 0.5, "ttft_p99_vs_gie": 0.8},
             "meets_bars": loads_ratio <= 0.5 and p99_ratio <= 0.8}
