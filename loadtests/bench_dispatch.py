@@ -60,9 +60,13 @@ def capacity_rps() -> float:
     return BACKENDS * SEQ_SLOTS / (NEW_TOKENS * step_s)
 
 
+def zipf_adapters() -> tuple[list[str], list[float]]:
+    """The adapters' names and their Zipf(1.0) weights (unnormalized)."""
+    return [f"t{i % TENANTS}/a{i}" for i in range(ADAPTERS)], [1 / (i + 1) for i in range(ADAPTERS)]
+
+
 def arrivals(n: int, rate: float, rng: random.Random) -> list[tuple[float, str]]:
-    weights = [1 / (i + 1) for i in range(ADAPTERS)]
-    names = [f"t{i % TENANTS}/a{i}" for i in range(ADAPTERS)]
+    names, weights = zipf_adapters()
     at, out = 0.0, []
     for _ in range(n):
         at += rng.expovariate(rate)
@@ -118,8 +122,8 @@ async def run_policy(policy: str, plan: list[tuple[float, str]], seed: int) -> d
 
 def popularity() -> dict[str, float]:
     """Each adapter's share of the requests (what ``arrivals`` draws from)."""
-    weights = [1 / (i + 1) for i in range(ADAPTERS)]
-    return {f"t{i % TENANTS}/a{i}": w / sum(weights) for i, w in enumerate(weights)}
+    names, weights = zipf_adapters()
+    return {name: w / sum(weights) for name, w in zip(names, weights, strict=True)}
 
 
 def clairvoyant_loads(plan: list[tuple[float, str]]) -> int:

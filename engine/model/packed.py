@@ -51,5 +51,6 @@ def pack_layers(weights: LlamaWeights) -> bool:
         return False
     for layer in weights.layers:
         for name in PROJECTIONS:
-            setattr(layer, name, torch.ops.mkldnn._reorder_linear_weight(getattr(layer, name), BATCH_HINT))
+            weight = getattr(layer, name)
+            setattr(layer, name, packed if weight is first else torch.ops.mkldnn._reorder_linear_weight(weight, BATCH_HINT))
     return True

@@ -38,7 +38,7 @@ def test_a_fast_bf16_cpu_packs_every_projection_and_plain_stays_plain(pair):
                    for layer in packed.model.w.layers for name in PROJECTIONS)
     # the tied embedding, also the logits head, stays as it is
     assert packed.model.w.embed.layout == torch.strided and packed.model.w.lm_head is packed.model.w.embed
-    # float32 and the compiled mode never pack
+    # float32 never packs
     assert not can_pack(torch.float32, torch.device("cpu"))
 
 
