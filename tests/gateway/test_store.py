@@ -1,63 +1,25 @@
-"""One contract suite for the registry's Store interface, run against SQLite (a file in a
-temporary directory) and Redis (the session's real redis-server, flushed per test)."""
+"""One contract suite for the registry's Store interface (tenants, keys, adapters, usage,
+experts, drains, tenant deletion, restarts), run against SQLite and Redis (tests/gateway/stores.py);
+the audit log has a suite of its own (test_store_audit.py)."""
 from __future__ import annotations
 
 import asyncio
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from gateway.store import (SCHEMA_VERSION, AdapterRecord, AlreadyExists, ApiKeyRecord, AuditHead, SchemaTooNew,
-                           SigningKeyRecord, Store, Tenant, UsageRow, open_store, verify_chain, verify_store)
+from gateway.store import (SCHEMA_VERSION, AlreadyExists, AuditHead, SchemaTooNew, Store, Tenant, UsageRow, open_store,
+                           verify_store)
 from gateway.store.base import GENESIS, audit_hash
 from gateway.store.redis import RedisStore
 from gateway.store.sqlite import MIGRATIONS, SqliteStore
 
-Opener = Callable[[], Awaitable[Store]]
-
-
-def tenant(tid: str, **kw) -> Tenant:
-    return Tenant(**{"id": tid, "name": f"Tenant {tid}", "created": 1_700_000_000, **kw})
-
-
-def api_key(kid: str, tenant_id: str | None, **kw) -> ApiKeyRecord:
-    values = {"id": kid, "tenant": tenant_id, "prefix": "tsk-" + kid[-4:], "digest": "d-" + kid,
-              "scopes": ("tenant",), "name": f"key {kid}", "created": 1_700_000_100}
-    return ApiKeyRecord(**{**values, **kw})
-
-
-def signing_key(kid: str, tenant_id: str, created: int = 1_700_000_200, **kw) -> SigningKeyRecord:
-    return SigningKeyRecord(**{"id": kid, "tenant": tenant_id, "public": json.dumps({"kid": kid}),
-                               "created": created, **kw})
-
-
-def adapter(tenant_id: str, name: str, **kw) -> AdapterRecord:
-    values = {"tenant": tenant_id, "name": name, "version": "1.0", "blob": f"{tenant_id}-{name}.tsa", "size": 1234,
-              "sha256": "ab" * 32, "base_model": "smollm2-135m-instruct", "rank": 8, "alpha": 16.5,
-              "target_modules": ("q_proj", "v_proj"), "signer": "sk-1", "created": 1_700_000_300}
-    return AdapterRecord(**{**values, **kw})
-
-
-async def fill_tenant(store: Store, tid: str) -> None:
-    """A tenant with one of everything it can own."""
-    await store.create_tenant(tenant(tid))
-    await store.add_api_key(api_key(f"key_{tid}", tid))
-    await store.add_signing_key(signing_key(f"sk_{tid}", tid))
-    await store.add_adapter(adapter(tid, "beta"))
-    await store.add_adapter(adapter(tid, "alpha"))
-    await store.add_usage(tid, "2024-05-01", "alpha", 1, 10, 20)
-    await store.put_experts(tid, {"experts": ["alpha", "beta"]})
+from .stores import PREFIX, Opener, RedisBackend, SqliteBackend, adapter, api_key, fill_tenant, signing_key, tenant
 
 
 class StoreContract:
-    """Every Store implementation passes these; subclasses provide ``opener`` (a new instance on
-    the same data each call, closed at teardown) and ``tamper`` (direct edits of the audit log)."""
-
-    @pytest.fixture()
-    async def store(self, opener: Opener) -> Store:
-        return await opener()
+    """Every Store implementation passes these."""
 
     # schema -------------------------------------------------------------------------------
     async def test_init_records_the_current_schema_version(self, store: Store) -> None:
@@ -279,78 +241,6 @@ class StoreContract:
         await store.set_drained("cpu/w1", False, 14)
         assert await (await opener()).drained() == {"cpu/w2": 12}  # another instance (replica) sees it
 
-    # audit --------------------------------------------------------------------------------
-    async def test_audit_entries_are_numbered_and_chained(self, store: Store) -> None:
-        first = await store.append_audit(10, "op", "tenant.create", "acme", '{"a":1}')
-        second = await store.append_audit(11, "key_1", "adapter.add", "acme/support", "{}")
-        assert (first.seq, first.prev_hash) == (1, GENESIS)
-        assert first.hash == audit_hash(GENESIS, 1, 10, "op", "tenant.create", "acme", '{"a":1}')
-        assert (second.seq, second.prev_hash) == (2, first.hash)
-        assert await store.list_audit() == [first, second]
-        assert verify_chain(await store.list_audit()) == []
-
-    async def test_list_audit_pages_by_seq(self, store: Store) -> None:
-        for i in range(5):
-            await store.append_audit(i, "op", "act", f"t{i}", "{}")
-        assert [e.seq for e in await store.list_audit(limit=2)] == [1, 2]
-        assert [e.seq for e in await store.list_audit(after=2, limit=2)] == [3, 4]
-        assert [e.seq for e in await store.list_audit(after=4)] == [5]
-        assert await store.list_audit(after=5) == []
-
-    async def test_verify_chain_detects_an_edited_entry(self, store: Store, tamper) -> None:
-        for i in range(4):
-            await store.append_audit(i, "op", "act", "t", "{}")
-        await tamper.edit(2, detail='{"forged":true}')
-        entries = await store.list_audit()
-        assert entries[1].detail == '{"forged":true}'
-        assert verify_chain(entries) == ["entry 2: contents do not match its hash"]
-
-    async def test_verify_chain_detects_a_deleted_entry(self, store: Store, tamper) -> None:
-        for i in range(4):
-            await store.append_audit(i, "op", "act", "t", "{}")
-        await tamper.delete(2)
-        entries = await store.list_audit()
-        assert [e.seq for e in entries] == [1, 3, 4]
-        assert "entry 2 is missing (found seq 3)" in verify_chain(entries)
-        assert "entry 3: previous-hash link broken" in verify_chain(entries)
-
-    async def test_the_head_follows_every_append(self, store: Store) -> None:
-        assert await store.audit_head() is None
-        assert await verify_store(store) == (0, [], None)
-        for i in range(3):
-            entry = await store.append_audit(i, "op", "act", "t", "{}")
-            assert await store.audit_head() == AuditHead(entry.seq, entry.hash)
-        assert (await verify_store(store))[:2] == (3, [])
-
-    async def test_verify_store_detects_entries_removed_from_the_end(self, store: Store, tamper) -> None:
-        for i in range(4):
-            await store.append_audit(i, "op", "act", "t", "{}")
-        await tamper.delete(4)
-        entries = await store.list_audit()
-        assert verify_chain(entries) == []  # the chain alone cannot tell
-        count, problems, _ = await verify_store(store)
-        assert count == 3
-        assert problems == ["the log ends at entry 3 but its head records entry 4: entries were removed from its end"]
-        for seq in (3, 2, 1):
-            await tamper.delete(seq)
-        assert (await verify_store(store))[1] == [
-            "the log is empty but its head records entry 4: entries were removed from its end"]
-
-    async def test_verify_store_detects_an_edited_last_entry(self, store: Store, tamper) -> None:
-        for i in range(2):
-            await store.append_audit(i, "op", "act", "t", "{}")
-        await tamper.edit(2, detail='{"forged":true}')
-        assert "entry 2: contents do not match its hash" in (await verify_store(store))[1]
-
-    async def test_concurrent_appends_get_consecutive_seqs_and_an_intact_chain(self, store: Store) -> None:
-        entries = await asyncio.gather(*(store.append_audit(i, "op", "act", f"t{i}", "{}") for i in range(50)))
-        assert sorted(e.seq for e in entries) == list(range(1, 51))
-        stored = await store.list_audit(limit=100)
-        assert [e.seq for e in stored] == list(range(1, 51))
-        assert sorted(e.target for e in stored) == sorted(f"t{i}" for i in range(50))
-        assert verify_chain(stored) == []
-        assert (await verify_store(store))[:2] == (50, [])
-
     # tenant deletion ----------------------------------------------------------------------
     async def test_delete_tenant_removes_everything_it_owns_and_nothing_else(self, store: Store) -> None:
         await fill_tenant(store, "acme")
@@ -406,45 +296,7 @@ class StoreContract:
         assert (await reopened.append_audit(2, "op", "x", "y", "{}")).prev_hash == entry.hash
 
 
-# SQLite --------------------------------------------------------------------------------------
-class SqliteTamper:
-    def __init__(self, path) -> None:
-        self.path = path
-
-    def _run(self, sql: str, args: tuple) -> None:
-        db = sqlite3.connect(self.path)
-        try:
-            with db:
-                db.execute(sql, args)
-        finally:
-            db.close()
-
-    async def edit(self, seq: int, detail: str) -> None:
-        self._run("UPDATE audit SET detail = ? WHERE seq = ?", (detail, seq))
-
-    async def delete(self, seq: int) -> None:
-        self._run("DELETE FROM audit WHERE seq = ?", (seq,))
-
-
-class TestSqliteStore(StoreContract):
-    @pytest.fixture()
-    async def opener(self, tmp_path) -> AsyncIterator[Opener]:
-        opened: list[Store] = []
-
-        async def open_() -> Store:
-            store = open_store(f"sqlite:///{tmp_path / 'registry.db'}")
-            await store.init()
-            opened.append(store)
-            return store
-
-        yield open_
-        for store in opened:
-            await store.close()
-
-    @pytest.fixture()
-    def tamper(self, tmp_path) -> SqliteTamper:
-        return SqliteTamper(tmp_path / "registry.db")
-
+class TestSqliteStore(SqliteBackend, StoreContract):
     @staticmethod
     def _old_database(path, version: str | None) -> None:
         db = sqlite3.connect(path)
@@ -508,45 +360,7 @@ class TestSqliteStore(StoreContract):
         await store.close()
 
 
-# Redis ---------------------------------------------------------------------------------------
-PREFIX = "test:"
-
-
-class RedisTamper:
-    def __init__(self, client) -> None:
-        self.client = client
-        self.key = PREFIX + "audit"
-
-    async def edit(self, seq: int, detail: str) -> None:
-        [member] = await self.client.zrangebyscore(self.key, seq, seq)
-        entry = json.loads(member)
-        entry["detail"] = detail
-        await self.client.zrem(self.key, member)
-        await self.client.zadd(self.key, {json.dumps(entry): seq})
-
-    async def delete(self, seq: int) -> None:
-        assert await self.client.zremrangebyscore(self.key, seq, seq) == 1
-
-
-class TestRedisStore(StoreContract):
-    @pytest.fixture()
-    async def opener(self, redis_server, redis_client) -> AsyncIterator[Opener]:
-        opened: list[Store] = []  # redis_client has flushed the database
-
-        async def open_() -> Store:
-            store = RedisStore.from_url(redis_server.url, prefix=PREFIX)
-            opened.append(store)
-            await store.init()
-            return store
-
-        yield open_
-        for store in opened:
-            await store.close()
-
-    @pytest.fixture()
-    def tamper(self, redis_client) -> RedisTamper:
-        return RedisTamper(redis_client)
-
+class TestRedisStore(RedisBackend, StoreContract):
     async def test_open_store_builds_a_redis_store_from_its_url(self, redis_server, redis_client) -> None:
         store = open_store(redis_server.url)
         try:
@@ -610,17 +424,6 @@ class TestRedisStore(StoreContract):
         finally:
             await store.close()
 
-    async def test_appends_from_two_instances_share_one_chain(self, opener: Opener) -> None:
-        one, two = await opener(), await opener()
-        assert one.client is not two.client
-        entries = await asyncio.gather(*(s.append_audit(i, f"replica{n}", "act", f"t{i}", "{}")
-                                         for i in range(30) for n, s in enumerate((one, two))))
-        assert sorted(e.seq for e in entries) == list(range(1, 61))
-        stored = await one.list_audit()
-        assert [e.seq for e in stored] == list(range(1, 61))
-        assert verify_chain(stored) == []
-        assert {e.actor for e in stored} == {"replica0", "replica1"}
-
     async def test_concurrent_adds_of_one_identity_admit_exactly_one(self, opener: Opener) -> None:
         one, two = await opener(), await opener()
         results = await asyncio.gather(*(s.add_adapter(adapter("acme", "support", version=str(i)))
@@ -629,4 +432,3 @@ class TestRedisStore(StoreContract):
         assert all(isinstance(r, AlreadyExists) for r in results if r is not None)
         assert await one.count_adapters("acme") == 1
         assert len(await two.list_adapters(None)) == 1
-
