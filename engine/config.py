@@ -48,11 +48,18 @@ class EngineConfig:
     #: eager mode with bf16 on the CPU: the layer projections' weights reordered once into
     #: oneDNN's layout (engine.model.packed); off: plain F.linear
     packed_weights: bool = True
+    #: how a decode step of several adapters computes its LoRA (engine.lora.batch): ``auto``:
+    #: a kernel compiled in the background reads the slots directly (eager mode on the CPU,
+    #: with compiled_kernels), else the gathered form timed fastest here; ``x_at``/``a_xt``:
+    #: that gathered form throughout
+    lora_form: Literal["auto", "x_at", "a_xt"] = "auto"
     threads: int | None = None  # torch intra-op threads; None = torch's default
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_model_len", "prefill_chunk_tokens", "max_loras", "max_lora_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lora_form not in ("auto", "x_at", "a_xt"):
+            raise ValueError(f"lora_form must be auto, x_at or a_xt, got {self.lora_form!r}")
         if self.max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")

@@ -130,6 +130,8 @@ class Engine:
         self.tokenizer = Tokenizer(checkpoint)
         self.cache = KVCache(dims, slots, self.max_model_len, self.dtype, self.device)
         self.lora = LoraSlots(dims, config.max_loras, config.max_lora_rank, self.dtype, self.device)
+        if config.lora_form != "auto":
+            self.lora.mixed_form = self.lora.matmul_form = config.lora_form
         rope = Rope(checkpoint, self.max_model_len, self.dtype, self.device)
         # in eager mode on the CPU, decode attention switches to a compiled kernel once one is
         # built in the background (engine.kernels); the compiled mode compiles the whole step
@@ -137,6 +139,8 @@ class Engine:
         if config.mode == "eager" and config.compiled_kernels and self.device.type == "cpu":
             _use_compile_cache(config.cache_dir)
             kernels = BackgroundKernels()
+            if config.lora_form == "auto":
+                self.lora.kernels = kernels  # mixed decode steps' LoRA straight from the slots
         # eager on a bf16 CPU: the layer projections' weights in oneDNN's layout (engine.model.packed)
         packed = config.mode == "eager" and config.packed_weights and can_pack(self.dtype, self.device) and pack_layers(weights)
         self.model = LlamaModel(weights, rope, self.cache, kernels, packed)

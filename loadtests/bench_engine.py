@@ -85,7 +85,7 @@ async def main_async(args: argparse.Namespace) -> dict:
                                  max_model_len=1024, max_loras=max(n, 1), max_lora_rank=max(8, w["adapter_rank"]),
                                  mode=args.mode, dtype=args.dtype, max_queue=r,
                                  compiled_kernels=not args.no_compiled_kernels,
-                                 packed_weights=not args.no_packed_weights))
+                                 packed_weights=not args.no_packed_weights, lora_form=args.lora_form))
     engine.start()
     ready_s = time.perf_counter() - t0
     for i in range(n):
@@ -95,6 +95,8 @@ async def main_async(args: argparse.Namespace) -> dict:
     await run_case(engine, q, ["a0", None] * 2, 8, "warm")
     # long enough for the decode attention's kernel to be asked for, then ready before timing
     await run_case(engine, q, [None] * r, max_new, "warm-kernels")
+    if n > 1:  # a mixed step asks for the LoRA kernels
+        await run_case(engine, q, [f"a{i % n}" for i in range(r)], 4, "warm-lora")
     kernels = await asyncio.to_thread(engine.wait_for_kernels, 600)
     cases = {
         "base": [None] * r,
@@ -112,10 +114,11 @@ async def main_async(args: argparse.Namespace) -> dict:
            "batch1_adapter": min([await itl_ms(engine, q, ["a0"], max_new, f"i1-{k}") for k in range(3)]),
            f"batch{r}_mixed": await itl_ms(engine, q, cases[f"mixed_{n}"], max_new, "i2")}
     info = engine.info()
+    lora_form = "kernel" if "slot_lora" in kernels else engine.lora.mixed_form
     engine.shutdown()
     return {"system": "tensafe-engine", "ready_s": round(ready_s, 2), "requests": r, "adapters": n,
-            "mode": args.mode, "compiled_kernels": kernels,
-            "packed_weights": engine.model.linear is not F.linear, "dtype": info.dtype, "device": info.device, "tok_per_s": result,
+            "mode": args.mode, "compiled_kernels": sorted(set(kernels)),
+            "packed_weights": engine.model.linear is not F.linear, "lora_form": lora_form, "dtype": info.dtype, "device": info.device, "tok_per_s": result,
             "itl_ms": {k: round(v, 2) for k, v in itl.items()}, "cpu": {"flags": cpu_flags(), "dtype": info.dtype}}
 
 
@@ -129,6 +132,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--no-compiled-kernels", action="store_true", help="eager: SDPA decode attention throughout")
     ap.add_argument("--no-packed-weights", action="store_true", help="eager bf16 CPU: plain F.linear layer weights")
+    ap.add_argument("--lora-form", choices=["auto", "x_at", "a_xt"], default="auto",
+                    help="how a mixed decode step computes its LoRA (auto: the compiled slot kernel, "
+                    "else the gathered form timed fastest here)")
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
     if not (args.prepared / "model" / "config.json").is_file():

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..kernels import BackgroundKernels, Kernel, decode_attention
 from ..kv_cache import KVCache
-from ..lora import LoraDeltas
+from ..lora.batch import LoraDeltas
 from .packed import packed_linear
 from .rope import Rope
 from .weights import LlamaWeights

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from engine import (
     InvalidAdapter,
     SamplingParams,
 )
+from engine.lora import FORMS
 
 HIDDEN, KV = 576, 192
 
@@ -146,10 +148,10 @@ def test_prepared_adapter_fills_the_slot_exactly_like_raw_tensors(engine: Engine
         assert torch.equal(stacked[module][0], a) and torch.equal(stacked[module][1], b), module
     q = raw["q_proj"]
     unused = [layer for layer in range(30) if layer not in layers]
-    assert q[0][:, 4:].abs().sum() == 0 and q[1][:, :, 4:].abs().sum() == 0  # the old rank-8 rows are gone
+    assert q[0][:, 4:].abs().sum() == 0 and q[1][:, 4:].abs().sum() == 0  # the old rank-8 rows are gone
     assert q[0][unused].abs().sum() == 0 and q[1][unused].abs().sum() == 0
     scaled = tensors[f"base_model.model.model.layers.{layers[0]}.self_attn.q_proj.lora_B.weight"] * config.scaling
-    assert torch.allclose(q[1][layers[0], :, :4].float(), scaled, rtol=1e-2, atol=1e-3)
+    assert torch.allclose(q[1][layers[0], :4].t().float(), scaled, rtol=1e-2, atol=1e-3)  # B kept transposed
     # an adapter prepared once loads again (it is what the CPU cache keeps), and validation holds
     engine.unload_adapter("stacked")
     assert engine.prepare_adapter("again", prepared, config) is prepared
@@ -182,26 +184,18 @@ async def test_async_load_runs_between_steps_and_a_cancelled_load_gives_its_slot
     assert sorted(engine.adapters()) == ["a", "c"]
 
 
-@pytest.mark.parametrize("x_at", [True, False], ids=["x@At", "A@xt"])  # the two forms of the shrink
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("token_slots", [
-    [0, 0, 1, 2, 2, 2],  # every row on an adapter, unequal groups: rows picked from the padded result
-    [2, -1, 0, 0, -1, 1, 2],  # base rows among them: scattered back
-    [1, 1, 1],  # one adapter
-    [-1, 1, -1],  # one adapter and the base model
-    list(range(17)),  # each row its own adapter, many of them: in row order, q/k/v expanded apart
-    [16, 3, 9, 0, 12, 5, 1, 14, 7, 2, 11, 4, 15, 6, 13, 8, 10],  # the same, rows in another order
-    [*range(16), 3, -1, 19],  # many adapters, one shared, a base row: expanded apart, scattered back
-])
-def test_a_batch_s_lora_delta_is_each_row_s_own_adapter_s(token_slots, dtype, x_at):
-    from engine.lora import GROUPS, LoraSlots
+@functools.lru_cache(maxsize=2)
+def _twenty_adapters(dtype: torch.dtype):
+    """Slots of a tiny model holding 20 adapters of ranks 2-4 on q, v and down (the reference
+    tensors beside them), and the background kernels their kernel form compiles on."""
+    from engine.kernels import BackgroundKernels
+    from engine.lora import LoraSlots
     from engine.model.weights import LlamaDims
 
     dims = LlamaDims(hidden_size=16, intermediate_size=24, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=4,
                      vocab_size=32, rms_norm_eps=1e-5, max_position_embeddings=64, tie_word_embeddings=True)
     slots = LoraSlots(dims, 20, 4, dtype, torch.device("cpu"))
-    assert isinstance(slots.shrink_x_at, bool)  # timed on this machine
-    slots.shrink_x_at = x_at
+    assert slots.mixed_form in FORMS and slots.matmul_form in FORMS  # timed on this machine
     gen = torch.Generator().manual_seed(3)
     adapters = {}
     for slot, rank in enumerate(((2, 4, 3) * 7)[:20]):
@@ -216,12 +210,44 @@ def test_a_batch_s_lora_delta_is_each_row_s_own_adapter_s(token_slots, dtype, x_
         config = AdapterConfig(rank=rank, alpha=2.0 * rank, target_modules=("q_proj", "v_proj", "down_proj"))
         assert slots.load(f"a{slot}", tensors, config) == slot
         adapters[slot] = (tensors, config.scaling)
-    batch = slots.batch(token_slots)
-    assert batch.x_at == x_at
+    return dims, slots, adapters, BackgroundKernels()
+
+
+@pytest.mark.parametrize("form", [*FORMS, "kernel"])  # how a thin mixed batch computes
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("token_slots", [
+    [0, 0, 1, 2, 2, 2],  # every row on an adapter, unequal groups: rows picked from the padded result
+    [2, -1, 0, 0, -1, 1, 2],  # base rows among them: scattered back
+    [1, 1, 1],  # one adapter
+    [-1, 1, -1],  # one adapter and the base model
+    list(range(17)),  # each row its own adapter, many of them: in row order, q/k/v expanded apart
+    [16, 3, 9, 0, 12, 5, 1, 14, 7, 2, 11, 4, 15, 6, 13, 8, 10],  # the same, rows in another order
+    [*range(16), 3, -1, 19],  # many adapters, one shared, a base row: expanded apart, scattered back
+])
+def test_a_batch_s_lora_delta_is_each_row_s_own_adapter_s(token_slots, dtype, form):
+    from engine.lora import GROUPS
+
+    dims, slots, adapters, kernels = _twenty_adapters(dtype)
+    gen = torch.Generator().manual_seed(len(token_slots))
     distinct = {s for s in token_slots if s >= 0}
-    if len(distinct) >= 16:  # the paths these cases are for
+    if form == "kernel":
+        assert kernels.enabled, "the kernel form needs a C++ compiler"
+        slots.kernels = kernels
+        batch = slots.batch(token_slots)
+        if len(distinct) > 1 and batch.form != "kernel":  # the first asks for the kernels
+            assert kernels.wait(600)
+            batch = slots.batch(token_slots)
+    else:
+        slots.kernels = None
+        slots.mixed_form = form
+        batch = slots.batch(token_slots)
+    assert batch.form == (form if len(distinct) > 1 else slots.matmul_form)
+    if len(distinct) >= 16 and form != "kernel":  # the paths these cases are for
         assert batch.groups["qkv"].b is None and len(batch.groups["qkv"].parts) == 2  # q and v
         assert batch.in_order == (len(distinct) == len(token_slots))
+    if form == "kernel" and len(distinct) > 1:
+        assert not batch.groups  # nothing gathered: the kernel reads the slots
+        assert [len(sg.tables) for sg in batch.slot_groups.values()] == [4, 2]  # q, v apart; down
     for group, layer in (("qkv", 1), ("down", 0)):
         fan_in = dims.projection_shape(GROUPS[group][0])[0]
         outs = [dims.projection_shape(m)[1] for m in GROUPS[group]]

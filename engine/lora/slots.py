@@ -1,50 +1,43 @@
-"""Device-resident LoRA adapter slots and the per-batch heterogeneous LoRA computation.
+"""Device-resident LoRA adapter slots.
 
-Every adapter lives in one slot of stacked tensors, per target module, in PEFT's orientation:
-``A[module]: [layers, slots, max_rank, in]`` and ``B[module]: [layers, slots, out, max_rank]``
-(B pre-multiplied by the adapter's scaling, alpha/r or alpha/sqrt(r) for rsLoRA; smaller ranks
-are zero-padded). An adapter is first *prepared*: validated once and laid out as a
-:class:`StackedLora` (per module, its layers stacked in the slots' dtype), which is the form a CPU
-cache should keep; loading it is then one strided copy per module and tensor kind, and only the
-parts a previous occupant left non-zero are cleared. The base model is "no slot": its
-rows get a zero LoRA delta.
+Every adapter lives in one slot of stacked tensors, per target module: ``A[module]: [layers,
+slots, max_rank, in]`` in PEFT's orientation and ``B[module]: [layers, slots, max_rank, out]``
+(PEFT's transposed, so a slot's rank rows are each one contiguous output row; pre-multiplied
+by the adapter's scaling, alpha/r or alpha/sqrt(r) for rsLoRA; smaller ranks are zero-padded).
+The A of a projection group's modules (q/k/v, gate/up) are views into one tensor, ``[layers,
+slots, m*max_rank, in]``, so one pass over a row's slot reads the group's shrink weights. An
+adapter is first *prepared*: validated once and laid out as a :class:`StackedLora` (per module,
+its layers stacked in the slots' dtype), which is the form a CPU cache should keep; loading it
+is then one strided copy per module and tensor kind, and only the parts a previous occupant left
+non-zero are cleared. The base model is "no slot": its rows get a zero LoRA delta.
 
-For a batch, only the k distinct adapters the rows use are gathered, once per batch
-composition, per fused projection group (q/k/v, o, gate/up, down): ``A: [k, m*r, in]`` (used
-transposed) and a block-diagonal ``B: [k, m*r, out]`` (m = modules of the group some adapter
-targets, r = the largest rank in the batch). Rows are grouped by adapter, so a projection's
-LoRA delta is two batched matmuls whatever the mix, each row pays only for its own adapter, and
-each adapter's weights are read once per step (not once per row, as a per-row gather would).
-With many adapters in a batch, reading their weights is the cost: a group of several modules
-then expands each module apart (no block-diagonal zeros read), and when every row has an
-adapter of its own they are gathered in row order, so rows are neither gathered nor picked.
+A thin mixed batch (a decode step's) computes its LoRA straight from these tables when the
+compiled kernel is there (engine.lora.batch, the kernel form). Otherwise only the k distinct
+adapters the rows use are gathered, once per batch composition, per fused projection group:
+``A: [k, m*r, in]`` (used transposed) and a block-diagonal ``B: [k, m*r, out]`` (m = modules of
+the group some adapter targets, r = the largest rank in the batch). With many adapters in a
+batch, a group of several modules then expands each module apart (no block-diagonal zeros
+read), and when every row has an adapter of its own they are gathered in row order, so rows
+are neither gathered nor picked.
 """
 from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
 import functools
+import itertools
 import re
 import threading
-import time
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Protocol
 
 import torch
 
-from .errors import AdapterExists, AdapterNotFound, AdapterRankTooLarge, AdapterSlotsFull, InvalidAdapter
-from .model.weights import LlamaDims
-from .threads import confined
-from .types import LORA_TARGETS, AdapterConfig
-
-#: Projection groups as the fused weights lay them out: group -> modules in output order.
-GROUPS: dict[str, tuple[str, ...]] = {
-    "qkv": ("q_proj", "k_proj", "v_proj"),
-    "o": ("o_proj",),
-    "gate_up": ("gate_proj", "up_proj"),
-    "down": ("down_proj",),
-}
+from ..errors import AdapterExists, AdapterNotFound, AdapterRankTooLarge, AdapterSlotsFull, InvalidAdapter
+from ..kernels import BackgroundKernels
+from ..model.weights import LlamaDims
+from ..threads import confined
+from ..types import LORA_TARGETS, AdapterConfig
+from .batch import GROUPS, GroupLora, LoraBatch, SlotGroup, mixed_forms, slot_lora
 
 _COMPOSITIONS_KEPT = 4
 _THIN_ROWS = 64  # a mixed forward pass of at most this many rows computes its LoRA in ``thin_dtype``
@@ -53,116 +46,8 @@ _THIN_ROWS_ONE = 4  # and one of a single adapter
 #: module apart: the block-diagonal B would read (m - 1) zeros for each value, and with many
 #: adapters those reads cost more than the extra kernels
 _SPLIT_ADAPTERS = 16
+_instances = itertools.count()  # kernels are keyed by the slots they read
 _NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
-
-
-class LoraDeltas(Protocol):
-    """What the forward pass asks of its LoRA inputs: add projection group ``group``'s delta at
-    ``layer`` for the inputs ``x`` to ``out``. A LoraBatch is one; engine.delta has another."""
-
-    def apply(self, group: str, layer: int, x: torch.Tensor, out: torch.Tensor) -> None: ...
-
-
-@dataclasses.dataclass(frozen=True)
-class GroupLora:
-    a: torch.Tensor  # [layers, k, m*r, in]: the k adapters' A of the group's m modules, stacked
-    # (used transposed: matmuls take the transposed view as is, and gathering stays row copies)
-    b: torch.Tensor | None  # [layers, k, m*r, out_group]: block-diagonal B, scaling folded in
-    #: instead of ``b``, for many adapters: per module (first output column, B [layers, k, r, out_m]),
-    #: so each row's expand reads its modules' own B and none of the block-diagonal's zeros
-    parts: tuple[tuple[int, torch.Tensor], ...] = ()
-
-
-class LoraBatch:
-    """The LoRA inputs of one forward pass.
-
-    With one adapter in the batch, a projection's delta is two plain matmuls (rows on the base
-    model masked to zero). With several, rows are grouped by adapter into a padded
-    ``[k, g, hidden]`` block and the delta is two batched matmuls: every row only pays for its
-    own adapter's rank, and each adapter's weights are read once per step.
-    """
-
-    def __init__(
-        self, groups: Mapping[str, GroupLora], token_pos: Sequence[int], k: int, device: torch.device, dtype: torch.dtype,
-        x_at: bool = False,
-    ) -> None:
-        self.groups = groups
-        self.k = k
-        #: the shrink of several adapters as x @ Aᵀ (else as (A @ xᵀ)ᵀ; see shrink_as_x_at)
-        self.x_at = x_at
-        n = len(token_pos)
-        members: list[list[int]] = [[] for _ in range(k)]
-        for row, p in enumerate(token_pos):
-            if p >= 0:
-                members[p].append(row)
-        self.width = max(len(m) for m in members)
-        self.row_mask: torch.Tensor | None = None
-        if k == 1:
-            if len(members[0]) < n:
-                self.row_mask = torch.tensor([[float(p >= 0)] for p in token_pos], device=device, dtype=dtype)
-            return
-        gather, valid, dest = [], [], []
-        for i, rows in enumerate(members):
-            for j in range(self.width):
-                if j < len(rows):
-                    valid.append(i * self.width + j)
-                    dest.append(rows[j])
-                gather.append(rows[j] if j < len(rows) else rows[0])
-        #: rows already in the padded order (each row its own adapter, the adapters gathered in
-        #: row order): nothing to gather or pick
-        self.in_order = gather == list(range(n))
-        self.gather = torch.tensor(gather, device=device)
-        self.dest = torch.tensor(dest, device=device)
-        self.valid = None if len(valid) == len(gather) else torch.tensor(valid, device=device)
-        # when every row uses an adapter, each row's delta is one row of the padded result:
-        # picking those rows (a gather) and adding is much faster than a scatter-add
-        self.pick: torch.Tensor | None = None
-        if len(dest) == n:
-            where = [0] * n
-            for slot, row in zip(valid, dest, strict=True):
-                where[row] = slot
-            self.pick = torch.tensor(where, device=device)
-
-    def apply(self, group: str, layer: int, x: torch.Tensor, out: torch.Tensor) -> None:
-        g = self.groups.get(group)
-        if g is None:
-            return
-        if self.k == 1:
-            same = x.dtype == g.a.dtype
-            xa = torch.mm(x if same else x.to(g.a.dtype), g.a[layer, 0].t())
-            if self.row_mask is not None:
-                xa.mul_(self.row_mask)
-            if same:
-                out.addmm_(xa, g.b[layer, 0])
-            else:
-                out.add_(torch.mm(xa, g.b[layer, 0]))  # in the output's dtype
-            return
-        xg = (x if self.in_order else x.index_select(0, self.gather)).view(self.k, self.width, -1)
-        if xg.dtype != g.a.dtype:
-            xg = xg.to(g.a.dtype)
-        if self.x_at:
-            xa = torch.bmm(xg, g.a[layer].transpose(1, 2))
-        else:  # A @ x^T, transposed back as a view
-            xa = torch.bmm(g.a[layer], xg.transpose(1, 2)).transpose(1, 2)
-        if g.b is not None:
-            self._add(out, torch.bmm(xa, g.b[layer]))
-            return
-        r = xa.shape[-1] // len(g.parts)
-        for j, (col, b) in enumerate(g.parts):
-            self._add(out[:, col : col + b.shape[-1]], torch.bmm(xa[:, :, j * r : (j + 1) * r], b[layer]))
-
-    def _add(self, out: torch.Tensor, y: torch.Tensor) -> None:
-        """Add the padded ``[k, width, out]`` result's valid rows to their rows of ``out``."""
-        y = y.view(self.k * self.width, -1)
-        if self.in_order:
-            out.add_(y)
-            return
-        if self.pick is not None:
-            out.add_(y.index_select(0, self.pick))  # in the output's dtype
-            return
-        if self.valid is not None:
-            y = y.index_select(0, self.valid)
-        out.index_add_(0, self.dest, y.to(out.dtype))
 
 
 @functools.lru_cache(maxsize=16384)
@@ -207,31 +92,6 @@ class StackedLora(Mapping[str, torch.Tensor]):
         return sum(a.nbytes + b.nbytes for _, a, b in self.modules.values())
 
 
-def shrink_as_x_at(hidden: int, dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether a mixed batch's shrink runs faster as ``x @ Aᵀ`` than as ``(A @ xᵀ)ᵀ`` here.
-
-    The two are the same product, but which of them the CPU's BLAS does faster for these shapes
-    (a few rows per adapter by rank 8-24) depends on the CPU: ``A @ xᵀ`` was 1.5x faster on an
-    AVX512 EPYC, ``x @ Aᵀ`` 2-4x faster on an AMX Xeon (16 adapters x 2 rows 54 vs 22 µs, 64 x 1
-    413 vs 111 µs). So both are timed once, on a mixed decode step's shapes, and the faster kept.
-    Off the CPU: ``(A @ xᵀ)ᵀ``."""
-    if device.type != "cpu":
-        return False
-    gen = torch.Generator().manual_seed(0)
-    shapes = [(torch.randn((k, 24, hidden), generator=gen).to(dtype), torch.randn((k, w, hidden), generator=gen).to(dtype))
-              for k, w in ((16, 2), (64, 1))]
-    forms = {True: lambda a, x: torch.bmm(x, a.transpose(1, 2)), False: lambda a, x: torch.bmm(a, x.transpose(1, 2))}
-    best = dict.fromkeys(forms, float("inf"))
-    with torch.no_grad():
-        for _ in range(4):  # the forms take turns; the best of each counts
-            for form, fn in forms.items():
-                t0 = time.perf_counter()
-                for a, x in shapes:
-                    fn(a, x)
-                best[form] = min(best[form], time.perf_counter() - t0)
-    return best[True] < best[False]
-
-
 class LoraSlots:
     """Owner of the adapter slots. Loads and unloads may come from any thread; the step thread
     only reads slots that requests hold, and a slot's version changes on every load so batch
@@ -242,19 +102,30 @@ class LoraSlots:
         self.num_slots = slots
         self.max_rank = max_rank
         self.dtype = dtype
-        #: the dtype of a thin mixed batch's gathered weights and LoRA matmuls: float32 on the
-        #: CPU, where bf16 batched matmuls of these shapes (a few rows per adapter by rank
-        #: 8-16) run 1.5-3x slower than float32 ones; prefill (many rows), one-adapter batches,
-        #: the slots and prepared adapters stay in ``dtype``
+        #: the dtype of a thin batch's gathered weights and LoRA matmuls: float32 on the CPU,
+        #: where bf16 batched matmuls of these shapes (a few rows per adapter by rank 8-16) run
+        #: 1.5-3x slower than float32 ones; prefill (many rows), the slots and prepared adapters
+        #: stay in ``dtype``
         self.thin_dtype = torch.float32 if torch.device(device).type == "cpu" else dtype
-        self.shrink_x_at = shrink_as_x_at(dims.hidden_size, self.thin_dtype, torch.device(device))
+        #: the gathered form a thin batch of several adapters computes in without its kernel
+        #: (timed here; see mixed_forms), and the one a wide batch does
+        self.mixed_form = self.matmul_form = mixed_forms(dims.hidden_size, torch.device(device))[0]
+        #: where the kernel form's kernels come from (the engine's, in eager mode on the CPU);
+        #: None: gathered forms throughout
+        self.kernels: BackgroundKernels | None = None
+        self._serial = next(_instances)
         L = dims.num_layers
         self.A = {}
         self.B = {}
-        for module in LORA_TARGETS:
-            fan_in, fan_out = dims.projection_shape(module)
-            self.A[module] = torch.zeros((L, slots, max_rank, fan_in), dtype=dtype, device=device)
-            self.B[module] = torch.zeros((L, slots, fan_out, max_rank), dtype=dtype, device=device)
+        #: per group, its modules' A side by side: ``[L, slots, m*max_rank, in]``
+        self.group_A: dict[str, torch.Tensor] = {}
+        for group, modules in GROUPS.items():
+            fan_in = dims.projection_shape(modules[0])[0]
+            self.group_A[group] = torch.zeros((L, slots, len(modules) * max_rank, fan_in), dtype=dtype, device=device)
+            for j, module in enumerate(modules):
+                fan_out = dims.projection_shape(module)[1]
+                self.A[module] = self.group_A[group][:, :, j * max_rank : (j + 1) * max_rank]
+                self.B[module] = torch.zeros((L, slots, max_rank, fan_out), dtype=dtype, device=device)
         self._shapes = {m: dims.projection_shape(m) for m in LORA_TARGETS}
         self._lock = threading.Lock()
         self._ids: dict[str, int] = {}  # adapters requests may use
@@ -427,10 +298,11 @@ class LoraSlots:
                 keep = r if layer in idx else 0
                 if old_rank > keep:
                     A[layer, slot, keep:old_rank].zero_()
-                    B[layer, slot, :, keep:old_rank].zero_()
+                    B[layer, slot, keep:old_rank].zero_()
             if not idx:
                 continue
-            a_dst, b_dst = A[:, slot, :r], B[:, slot, :, :r]
+            a_dst, b_dst = A[:, slot, :r], B[:, slot, :r]
+            b = b.transpose(1, 2)  # [n, r, out]
             if len(idx) == self.dims.num_layers:
                 a_dst.copy_(a)
                 if scale != 1.0 and b.device == b_dst.device:
@@ -454,12 +326,20 @@ class LoraSlots:
         if len(distinct) == len(token_slots) > 1:
             # each row its own adapter: gathered in row order, so rows need no reordering
             distinct = list(token_slots)
-        thin = len(token_slots) <= (_THIN_ROWS if len(distinct) > 1 else _THIN_ROWS_ONE)
-        dtype = self.thin_dtype if thin else self.dtype
+        mixed = len(distinct) > 1
+        thin = len(token_slots) <= (_THIN_ROWS if mixed else _THIN_ROWS_ONE)
         with self._lock:
-            key = (dtype, *((s, self._version[s]) for s in distinct))
+            key_slots = tuple((s, self._version[s]) for s in distinct)
             rank = max(self._rank[s] for s in distinct)
             targets = frozenset().union(*(self._targets[s] for s in distinct))
+        device = self.A["q_proj"].device
+        if thin and mixed and self.kernels is not None:
+            slot_groups = self._slot_groups(targets)
+            if slot_groups is not None:
+                return LoraBatch({}, token_slots, len(distinct), device, self.dtype, "kernel", slot_groups)
+        form = self.mixed_form if thin and mixed else self.matmul_form
+        dtype = self.thin_dtype if thin else self.dtype
+        key = (dtype, *key_slots)
         groups = self._compositions.get(key)
         if groups is None:
             groups = self._compositions[key] = self._gather(distinct, rank, targets, dtype)
@@ -468,8 +348,48 @@ class LoraSlots:
         else:
             self._compositions.move_to_end(key)
         pos = {s: i for i, s in enumerate(distinct)}
-        return LoraBatch(groups, [pos.get(s, -1) for s in token_slots], len(distinct), self.A["q_proj"].device, dtype,
-                         self.shrink_x_at)
+        return LoraBatch(groups, [pos.get(s, -1) for s in token_slots], len(distinct), device, dtype, form)
+
+    def _slot_groups(self, targets: frozenset[str]) -> dict[str, SlotGroup] | None:
+        """The kernel form's groups for adapters targeting ``targets``, or None while a kernel
+        they need is not compiled yet (its compilation is queued)."""
+        groups: dict[str, SlotGroup] = {}
+        missing = False
+        R = self.max_rank
+        for group, modules in GROUPS.items():
+            active = [j for j, m in enumerate(modules) if m in targets]
+            if not active:
+                continue
+            runs: list[list[int]] = []  # active modules adjacent in the group's fused A
+            for j in active:
+                if runs and runs[-1][-1] == j - 1:
+                    runs[-1].append(j)
+                else:
+                    runs.append([j])
+            tables: list[torch.Tensor] = []
+            for run in runs:
+                tables.append(self.group_A[group][:, :, run[0] * R : (run[-1] + 1) * R])
+                tables.extend(self.B[modules[j]] for j in run)
+            sizes = tuple(len(run) for run in runs)
+            outs = [self.dims.projection_shape(m)[1] for m in modules]
+            columns = tuple((sum(outs[:j]), outs[j]) for j in active)
+            kernel = self.kernels.get(
+                ("slot_lora", group, tuple(active), self._serial), slot_lora(sizes, R),
+                lambda tables=tables: self._kernel_example(tables), dynamic=((0, 0), (1, 0), (2, 0)))
+            if kernel is None:
+                missing = True
+                continue
+            groups[group] = SlotGroup(kernel, tuple(tables), columns, whole=len(active) == len(modules))
+        return None if missing else groups
+
+    def _kernel_example(self, tables: list[torch.Tensor]) -> list[torch.Tensor]:
+        """A slot_lora call's arguments, 3 rows on slots 0-2 (the sizes left free must be >= 2)."""
+        device = tables[0].device
+        rows = 3
+        x = torch.zeros((rows, tables[0].shape[-1]), dtype=self.dtype, device=device)
+        idx = torch.arange(rows, device=device) % self.num_slots
+        scale = torch.ones((rows, 1), device=device)
+        return [x, idx, scale, *(t[0] for t in tables)]
 
     @torch.no_grad()
     def _gather(self, distinct: list[int], rank: int, targets: frozenset[str], dtype: torch.dtype
@@ -484,10 +404,12 @@ class LoraSlots:
                 continue
             outs = [self.dims.projection_shape(m)[1] for m in modules]
             # A[m]: [L, slots, max_rank, in] -> [L, k, rank, in], stacked over modules
-            a = torch.cat([self.A[m][:, :, :rank].index_select(1, sel) for m in active], dim=2).to(dtype)
+            if len(active) == len(modules) and rank == self.max_rank:  # the group's A as the slots keep it
+                a = self.group_A[group].index_select(1, sel).to(dtype)
+            else:
+                a = torch.cat([self.A[m][:, :, :rank].index_select(1, sel) for m in active], dim=2).to(dtype)
             if len(active) > 1 and k >= _SPLIT_ADAPTERS:
-                parts = tuple((sum(outs[: modules.index(m)]),
-                               self.B[m][..., :rank].index_select(1, sel).transpose(2, 3).to(dtype).contiguous())
+                parts = tuple((sum(outs[: modules.index(m)]), self.B[m][:, :, :rank].index_select(1, sel).to(dtype))
                               for m in active)
                 groups[group] = GroupLora(a=a, b=None, parts=parts)
                 continue
@@ -495,7 +417,7 @@ class LoraSlots:
             for j, m in enumerate(active):
                 col = sum(outs[: modules.index(m)])
                 b[:, :, j * rank : (j + 1) * rank, col : col + outs[modules.index(m)]] = (
-                    self.B[m][..., :rank].index_select(1, sel).transpose(2, 3)
+                    self.B[m][:, :, :rank].index_select(1, sel)
                 )
             groups[group] = GroupLora(a=a, b=b)
         return groups
