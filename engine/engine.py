@@ -36,6 +36,7 @@ from .errors import (
 from .kernels import BackgroundKernels
 from .kv_cache import KVCache, plan_slots
 from .lora import LoraSlots, StackedLora
+from .lora.native import load as slot_kernel
 from .model.checkpoint import resolve_checkpoint
 from .model.llama import LlamaModel
 from .model.packed import can_pack, pack_layers
@@ -139,8 +140,8 @@ class Engine:
         if config.mode == "eager" and config.compiled_kernels and self.device.type == "cpu":
             _use_compile_cache(config.cache_dir)
             kernels = BackgroundKernels()
-            if config.lora_form == "auto":
-                self.lora.kernels = kernels  # mixed decode steps' LoRA straight from the slots
+            if config.lora_form == "auto":  # mixed decode steps' LoRA straight from the slots
+                self.lora.native = slot_kernel(config.cache_dir.parent / "kernels")
         # eager on a bf16 CPU: the layer projections' weights in oneDNN's layout (engine.model.packed)
         packed = config.mode == "eager" and config.packed_weights and can_pack(self.dtype, self.device) and pack_layers(weights)
         self.model = LlamaModel(weights, rope, self.cache, kernels, packed)
@@ -156,10 +157,11 @@ class Engine:
         """Block until no kernel compiles in the background (benchmarks, tests); the names of
         those in use."""
         kernels = self.model.kernels
+        native = ["slot_lora"] if self.lora.native is not None else []
         if kernels is None:
-            return []
+            return native
         kernels.wait(timeout)
-        return [key[0] for key in kernels.ready]
+        return [key[0] for key in kernels.ready] + native
 
     def start(self) -> None:
         if self._thread is None:

@@ -55,6 +55,12 @@ def _runtime() -> tuple[ctypes.CDLL | None, ctypes.CDLL | None]:
     return omp, mkl
 
 
+def gnu_openmp() -> bool:
+    """Whether the OpenMP runtime in the process is GNU's (torch's on Linux): code built with
+    GCC's -fopenmp then joins its teams instead of bringing a second runtime."""
+    return _loaded("libgomp.so.1") is not None
+
+
 def _set(threads: int) -> tuple[int, int]:
     """Set the calling thread's team size (OpenMP's, and MKL's for this thread: MKL follows a
     process-wide count once ``torch.set_num_threads`` was called); returns what to restore

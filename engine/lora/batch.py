@@ -5,12 +5,12 @@ row, each row with its own adapter's weights, per fused projection group (q/k/v,
 down). A mixed batch computes them in one of three *forms*:
 
 - ``"kernel"`` (a thin batch: decode steps): straight from the slot tables, with no gather: a
-  compiled kernel (``slot_lora``, built in the background, engine.kernels) reads each row's
-  adapter rows where the slots keep them, in their own dtype, and sums in float32. With many
-  adapters in a step, reading their weights is the cost of its LoRA, and gathering them first
-  cost as much again on every change of the batch's composition.
-- ``"x_at"`` and ``"a_xt"`` (a wide batch, and a thin one while its kernel compiles or without
-  a compiler): the k distinct adapters the rows use gathered (by LoraSlots, once per batch
+  C kernel (``slot_lora.c``, engine.lora.native) reads each row's own adapter rows where the
+  slots keep them, in their own dtype, sums in float32 and adds into the projection's output,
+  one call per group and layer. With many adapters in a step, reading their weights is the
+  cost of its LoRA, and gathering them first cost as much again on every change of the
+  batch's composition.
+- ``"x_at"`` and ``"a_xt"`` (a wide batch, and a thin one without the kernel): the k distinct adapters the rows use gathered (by LoraSlots, once per batch
   composition), rows grouped by adapter into a padded ``[k, width, in]`` block and two batched
   matmuls; each adapter's weights are read once per pass. The two name the shrink's orientation
   (``x @ Aᵀ`` or ``(A @ xᵀ)ᵀ``): the same product, but which the CPU's BLAS does faster for these
@@ -25,6 +25,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 import torch
+
+from .native import Plan, SlotKernel, delta
 
 #: Projection groups as the fused weights lay them out: group -> modules in output order.
 GROUPS: dict[str, tuple[str, ...]] = {
@@ -58,44 +60,13 @@ class GroupLora:
 
 @dataclasses.dataclass(frozen=True)
 class SlotGroup:
-    """A group's LoRA for the kernel form: its compiled ``slot_lora`` and the slot tables it
-    reads (per layer: ``tables[i][layer]``), the active modules' deltas coming out side by side."""
+    """A group's LoRA for the kernel form: the kernel and its plan per layer (the slot tables
+    of the group's active modules, and where each one's delta goes in the group's output)."""
 
-    kernel: Callable[..., torch.Tensor]
-    tables: tuple[torch.Tensor, ...]
-    #: where each active module's delta goes: (first output column, width) in the group's output
-    columns: tuple[tuple[int, int], ...]
-    #: the active modules are the group's whole output, in order: one add
-    whole: bool
-
-
-def slot_lora(runs: tuple[int, ...], rank: int) -> Callable[..., torch.Tensor]:
-    """The kernel form's computation for one group: ``fn(x, idx, scale, *tables)`` -> the
-    active modules' deltas side by side, ``[n, sum(out)]`` in ``x``'s dtype.
-
-    ``idx[i]`` is row i's slot and ``scale[i]`` 1 (0 for a row on the base model); ``tables``
-    are, per run of active modules adjacent in the slots' fused A, that run's A ``[slots,
-    m*rank, in]`` followed by its modules' B ``[slots, rank, out]``. Written as products and sums
-    (the expand unrolled over the rank), not matmuls, so the compiler fuses each shrink into one
-    loop that reads every row's A rows once, and each expand into one that reads its B rows once."""
-
-    def fn(x: torch.Tensor, idx: torch.Tensor, scale: torch.Tensor, *tables: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        ys = []
-        t = 0
-        for m in runs:
-            xa = (xf[:, None, :] * tables[t][idx].float()).sum(-1) * scale  # [n, m*rank]
-            t += 1
-            for j in range(m):
-                b = tables[t][idx]  # [n, rank, out]
-                t += 1
-                y = xa[:, j * rank, None] * b[:, 0].float()
-                for c in range(1, rank):
-                    y = y + xa[:, j * rank + c, None] * b[:, c].float()
-                ys.append(y)
-        return torch.cat(ys, dim=1).to(x.dtype)
-
-    return fn
+    kernel: SlotKernel
+    plans: tuple[Plan, ...]
+    #: the slots' ranks, ``[slots]`` int32: each row reads its own adapter's rank rows only
+    ranks: torch.Tensor
 
 
 class LoraBatch:
@@ -119,10 +90,9 @@ class LoraBatch:
         n = len(token_pos)
         self.row_mask: torch.Tensor | None = None
         if form == "kernel":
-            # token_pos are the rows' slots here (-1: base, computed on slot 0 and scaled to zero)
+            # token_pos are the rows' slots here (-1: base, which the kernel skips)
             self.slot_groups = slot_groups or {}
-            self._idx = torch.tensor([max(p, 0) for p in token_pos], device=device)
-            self._scale = torch.tensor([[float(p >= 0)] for p in token_pos], device=device)
+            self._slots = torch.tensor(token_pos, dtype=torch.int64, device=device)
             return
         if any(p < 0 for p in token_pos) and k == 1:
             self.row_mask = torch.tensor([[float(p >= 0)] for p in token_pos], device=device, dtype=dtype)
@@ -159,14 +129,7 @@ class LoraBatch:
         if self.form == "kernel":
             sg = self.slot_groups.get(group)
             if sg is not None:
-                y = sg.kernel(x, self._idx, self._scale, *(t[layer] for t in sg.tables))
-                if sg.whole:
-                    out.add_(y)
-                    return
-                at = 0
-                for col, width in sg.columns:
-                    out[:, col : col + width].add_(y[:, at : at + width])
-                    at += width
+                delta(sg.kernel, x, self._slots, sg.ranks, sg.plans[layer], out)
             return
         g = self.groups.get(group)
         if g is None:

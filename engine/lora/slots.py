@@ -12,7 +12,7 @@ is then one strided copy per module and tensor kind, and only the parts a previo
 non-zero are cleared. The base model is "no slot": its rows get a zero LoRA delta.
 
 A thin mixed batch (a decode step's) computes its LoRA straight from these tables when the
-compiled kernel is there (engine.lora.batch, the kernel form). Otherwise only the k distinct
+slot kernel is there (engine.lora.native; the kernel form of engine.lora.batch). Otherwise only the k distinct
 adapters the rows use are gathered, once per batch composition, per fused projection group:
 ``A: [k, m*r, in]`` (used transposed) and a block-diagonal ``B: [k, m*r, out]`` (m = modules of
 the group some adapter targets, r = the largest rank in the batch). With many adapters in a
@@ -25,7 +25,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
-import itertools
 import re
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -33,11 +32,11 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 
 from ..errors import AdapterExists, AdapterNotFound, AdapterRankTooLarge, AdapterSlotsFull, InvalidAdapter
-from ..kernels import BackgroundKernels
 from ..model.weights import LlamaDims
 from ..threads import confined
 from ..types import LORA_TARGETS, AdapterConfig
-from .batch import GROUPS, GroupLora, LoraBatch, SlotGroup, mixed_forms, slot_lora
+from .batch import GROUPS, GroupLora, LoraBatch, SlotGroup, mixed_forms
+from .native import SlotKernel, plan
 
 _COMPOSITIONS_KEPT = 4
 _THIN_ROWS = 64  # a mixed forward pass of at most this many rows computes its LoRA in ``thin_dtype``
@@ -46,7 +45,6 @@ _THIN_ROWS_ONE = 4  # and one of a single adapter
 #: module apart: the block-diagonal B would read (m - 1) zeros for each value, and with many
 #: adapters those reads cost more than the extra kernels
 _SPLIT_ADAPTERS = 16
-_instances = itertools.count()  # kernels are keyed by the slots they read
 _NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
 
 
@@ -110,10 +108,10 @@ class LoraSlots:
         #: the gathered form a thin batch of several adapters computes in without its kernel
         #: (timed here; see mixed_forms), and the one a wide batch does
         self.mixed_form = self.matmul_form = mixed_forms(dims.hidden_size, torch.device(device))[0]
-        #: where the kernel form's kernels come from (the engine's, in eager mode on the CPU);
-        #: None: gathered forms throughout
-        self.kernels: BackgroundKernels | None = None
-        self._serial = next(_instances)
+        #: the kernel form's kernel (the engine sets it in eager mode on the CPU); None:
+        #: gathered forms throughout
+        self.native: SlotKernel | None = None
+        self._plans: dict[frozenset[str], dict[str, SlotGroup]] = {}  # per set of targets
         L = dims.num_layers
         self.A = {}
         self.B = {}
@@ -131,6 +129,7 @@ class LoraSlots:
         self._ids: dict[str, int] = {}  # adapters requests may use
         self._reserved: dict[str, int] = {}  # slots being written
         self._rank = [0] * slots
+        self._ranks = torch.zeros(slots, dtype=torch.int32)  # the same, for the slot kernel
         self._targets: list[frozenset[str]] = [frozenset()] * slots
         self._version = [0] * slots
         # per slot and module: (rank, layers) holding non-zero values, to clear on reuse
@@ -229,6 +228,7 @@ class LoraSlots:
             slot = self._reserved.pop(adapter_id)
             self._ids[adapter_id] = slot
             self._rank[slot] = stacked.config.rank
+            self._ranks[slot] = stacked.config.rank
             self._targets[slot] = frozenset(stacked.modules)
 
     def abandon(self, adapter_id: str) -> None:
@@ -245,6 +245,7 @@ class LoraSlots:
                 raise AdapterNotFound(adapter_id)
             self._version[slot] += 1
             self._rank[slot] = 0
+            self._ranks[slot] = 0
             self._targets[slot] = frozenset()
 
     def _parse(
@@ -333,10 +334,8 @@ class LoraSlots:
             rank = max(self._rank[s] for s in distinct)
             targets = frozenset().union(*(self._targets[s] for s in distinct))
         device = self.A["q_proj"].device
-        if thin and mixed and self.kernels is not None:
-            slot_groups = self._slot_groups(targets)
-            if slot_groups is not None:
-                return LoraBatch({}, token_slots, len(distinct), device, self.dtype, "kernel", slot_groups)
+        if thin and mixed and self.native is not None and self.native.supports(self.dtype) and device.type == "cpu":
+            return LoraBatch({}, token_slots, len(distinct), device, self.dtype, "kernel", self._slot_groups(targets))
         form = self.mixed_form if thin and mixed else self.matmul_form
         dtype = self.thin_dtype if thin else self.dtype
         key = (dtype, *key_slots)
@@ -350,46 +349,27 @@ class LoraSlots:
         pos = {s: i for i, s in enumerate(distinct)}
         return LoraBatch(groups, [pos.get(s, -1) for s in token_slots], len(distinct), device, dtype, form)
 
-    def _slot_groups(self, targets: frozenset[str]) -> dict[str, SlotGroup] | None:
-        """The kernel form's groups for adapters targeting ``targets``, or None while a kernel
-        they need is not compiled yet (its compilation is queued)."""
-        groups: dict[str, SlotGroup] = {}
-        missing = False
+    def _slot_groups(self, targets: frozenset[str]) -> dict[str, SlotGroup]:
+        """The kernel form's groups for adapters targeting ``targets``: per group with an active
+        module, its plan per layer (the tables are the slots' own, so plans are kept)."""
+        groups = self._plans.get(targets)
+        if groups is not None:
+            return groups
+        groups = {}
         R = self.max_rank
         for group, modules in GROUPS.items():
             active = [j for j, m in enumerate(modules) if m in targets]
             if not active:
                 continue
-            runs: list[list[int]] = []  # active modules adjacent in the group's fused A
-            for j in active:
-                if runs and runs[-1][-1] == j - 1:
-                    runs[-1].append(j)
-                else:
-                    runs.append([j])
-            tables: list[torch.Tensor] = []
-            for run in runs:
-                tables.append(self.group_A[group][:, :, run[0] * R : (run[-1] + 1) * R])
-                tables.extend(self.B[modules[j]] for j in run)
-            sizes = tuple(len(run) for run in runs)
             outs = [self.dims.projection_shape(m)[1] for m in modules]
-            columns = tuple((sum(outs[:j]), outs[j]) for j in active)
-            kernel = self.kernels.get(
-                ("slot_lora", group, tuple(active), self._serial), slot_lora(sizes, R),
-                lambda tables=tables: self._kernel_example(tables), dynamic=((0, 0), (1, 0), (2, 0)))
-            if kernel is None:
-                missing = True
-                continue
-            groups[group] = SlotGroup(kernel, tuple(tables), columns, whole=len(active) == len(modules))
-        return None if missing else groups
-
-    def _kernel_example(self, tables: list[torch.Tensor]) -> list[torch.Tensor]:
-        """A slot_lora call's arguments, 3 rows on slots 0-2 (the sizes left free must be >= 2)."""
-        device = tables[0].device
-        rows = 3
-        x = torch.zeros((rows, tables[0].shape[-1]), dtype=self.dtype, device=device)
-        idx = torch.arange(rows, device=device) % self.num_slots
-        scale = torch.ones((rows, 1), device=device)
-        return [x, idx, scale, *(t[0] for t in tables)]
+            cols = [sum(outs[:j]) for j in active]
+            plans = tuple(
+                plan([self.group_A[group][layer, :, j * R : (j + 1) * R] for j in active],
+                     [self.B[modules[j]][layer] for j in active], cols)
+                for layer in range(self.dims.num_layers))
+            groups[group] = SlotGroup(self.native, plans, self._ranks)
+        self._plans[targets] = groups
+        return groups
 
     @torch.no_grad()
     def _gather(self, distinct: list[int], rank: int, targets: frozenset[str], dtype: torch.dtype

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from pathlib import Path
 
 import pytest
 import torch
@@ -187,9 +188,11 @@ async def test_async_load_runs_between_steps_and_a_cancelled_load_gives_its_slot
 @functools.lru_cache(maxsize=2)
 def _twenty_adapters(dtype: torch.dtype):
     """Slots of a tiny model holding 20 adapters of ranks 2-4 on q, v and down (the reference
-    tensors beside them), and the background kernels their kernel form compiles on."""
-    from engine.kernels import BackgroundKernels
+    tensors beside them), and the slot kernel of their kernel form, built for this machine."""
+    import tempfile
+
     from engine.lora import LoraSlots
+    from engine.lora.native import load
     from engine.model.weights import LlamaDims
 
     dims = LlamaDims(hidden_size=16, intermediate_size=24, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=4,
@@ -210,7 +213,7 @@ def _twenty_adapters(dtype: torch.dtype):
         config = AdapterConfig(rank=rank, alpha=2.0 * rank, target_modules=("q_proj", "v_proj", "down_proj"))
         assert slots.load(f"a{slot}", tensors, config) == slot
         adapters[slot] = (tensors, config.scaling)
-    return dims, slots, adapters, BackgroundKernels()
+    return dims, slots, adapters, load(Path(tempfile.mkdtemp(prefix="tensafe-kernels-")))
 
 
 @pytest.mark.parametrize("form", [*FORMS, "kernel"])  # how a thin mixed batch computes
@@ -227,27 +230,23 @@ def _twenty_adapters(dtype: torch.dtype):
 def test_a_batch_s_lora_delta_is_each_row_s_own_adapter_s(token_slots, dtype, form):
     from engine.lora import GROUPS
 
-    dims, slots, adapters, kernels = _twenty_adapters(dtype)
+    dims, slots, adapters, kernel = _twenty_adapters(dtype)
     gen = torch.Generator().manual_seed(len(token_slots))
     distinct = {s for s in token_slots if s >= 0}
     if form == "kernel":
-        assert kernels.enabled, "the kernel form needs a C++ compiler"
-        slots.kernels = kernels
-        batch = slots.batch(token_slots)
-        if len(distinct) > 1 and batch.form != "kernel":  # the first asks for the kernels
-            assert kernels.wait(600)
-            batch = slots.batch(token_slots)
+        assert kernel is not None, "the kernel form needs a C compiler"
+        slots.native = kernel
     else:
-        slots.kernels = None
+        slots.native = None
         slots.mixed_form = form
-        batch = slots.batch(token_slots)
+    batch = slots.batch(token_slots)
     assert batch.form == (form if len(distinct) > 1 else slots.matmul_form)
     if len(distinct) >= 16 and form != "kernel":  # the paths these cases are for
         assert batch.groups["qkv"].b is None and len(batch.groups["qkv"].parts) == 2  # q and v
         assert batch.in_order == (len(distinct) == len(token_slots))
     if form == "kernel" and len(distinct) > 1:
         assert not batch.groups  # nothing gathered: the kernel reads the slots
-        assert [len(sg.tables) for sg in batch.slot_groups.values()] == [4, 2]  # q, v apart; down
+        assert [sg.plans[1].modules for sg in batch.slot_groups.values()] == [2, 1]  # q and v; down
     for group, layer in (("qkv", 1), ("down", 0)):
         fan_in = dims.projection_shape(GROUPS[group][0])[0]
         outs = [dims.projection_shape(m)[1] for m in GROUPS[group]]
