@@ -11,8 +11,9 @@ its layers stacked in the slots' dtype), which is the form a CPU cache should ke
 is then one strided copy per module and tensor kind, and only the parts a previous occupant left
 non-zero are cleared. The base model is "no slot": its rows get a zero LoRA delta.
 
-A thin mixed batch (a decode step's) computes its LoRA straight from these tables when the
-slot kernel is there (engine.lora.native; the kernel form of engine.lora.batch). Otherwise only the k distinct
+A thin batch (up to 64 rows: a decode step, a short prompt's prefill), of one adapter or many,
+computes its LoRA straight from these tables when the slot kernel is there
+(engine.lora.native; the kernel form of engine.lora.batch). Otherwise only the k distinct
 adapters the rows use are gathered, once per batch composition, per fused projection group:
 ``A: [k, m*r, in]`` (used transposed) and a block-diagonal ``B: [k, m*r, out]`` (m = modules of
 the group some adapter targets, r = the largest rank in the batch). With many adapters in a
@@ -39,7 +40,9 @@ from .batch import GROUPS, GroupLora, LoraBatch, SlotGroup, mixed_forms
 from .native import SlotKernel, plan
 
 _COMPOSITIONS_KEPT = 4
-_THIN_ROWS = 64  # a mixed forward pass of at most this many rows computes its LoRA in ``thin_dtype``
+#: a forward pass of at most this many rows computes its LoRA with the slot kernel when there is
+#: one, else (a mixed one) gathered in ``thin_dtype``
+_THIN_ROWS = 64
 _THIN_ROWS_ONE = 4  # and one of a single adapter
 #: from this many adapters in a batch, a group of several modules (q/k/v, gate/up) expands each
 #: module apart: the block-diagonal B would read (m - 1) zeros for each value, and with many
@@ -334,7 +337,8 @@ class LoraSlots:
             rank = max(self._rank[s] for s in distinct)
             targets = frozenset().union(*(self._targets[s] for s in distinct))
         device = self.A["q_proj"].device
-        if thin and mixed and self.native is not None and self.native.supports(self.dtype) and device.type == "cpu":
+        if (len(token_slots) <= _THIN_ROWS and self.native is not None and self.native.supports(self.dtype)
+                and device.type == "cpu"):  # one adapter or many: each row reads its own slot
             return LoraBatch({}, token_slots, len(distinct), device, self.dtype, "kernel", self._slot_groups(targets))
         form = self.mixed_form if thin and mixed else self.matmul_form
         dtype = self.thin_dtype if thin else self.dtype
