@@ -15,7 +15,9 @@
 #include <string.h>
 
 #define MAX_MODULES 4
+#ifndef PREFETCH_ROWS
 #define PREFETCH_ROWS 2
+#endif
 
 typedef struct {
   int32_t in, modules;
