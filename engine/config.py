@@ -58,10 +58,10 @@ class EngineConfig:
     #: eager mode with bf16 on the CPU: the layer projections' weights reordered once into
     #: oneDNN's layout (engine.model.packed); off: plain F.linear
     packed_weights: bool = True
-    #: how a decode step of several adapters computes its LoRA (engine.lora.batch): ``auto``:
-    #: a kernel compiled in the background reads the slots directly (eager mode on the CPU,
-    #: with compiled_kernels), else the gathered form timed fastest here; ``x_at``/``a_xt``:
-    #: that gathered form throughout
+    #: how a thin batch (decode steps) computes its LoRA (engine.lora.batch): ``auto``: a C
+    #: kernel built at start reads the slots directly (eager mode on the CPU, with
+    #: compiled_kernels), else the gathered form timed fastest here; ``x_at``/``a_xt``: that
+    #: gathered form throughout
     lora_form: Literal["auto", "x_at", "a_xt"] = "auto"
     threads: int | None = None  # torch intra-op threads; None = torch's default
 

@@ -139,7 +139,7 @@ class Engine:
         if config.mode == "eager" and config.compiled_kernels and self.device.type == "cpu":
             _use_compile_cache()
             kernels = BackgroundKernels()
-            if config.lora_form == "auto":  # mixed decode steps' LoRA straight from the slots
+            if config.lora_form == "auto":  # thin batches' LoRA straight from the slots
                 self.lora.native = slot_kernel(default_kernel_cache_dir())
         # eager on a bf16 CPU: the layer projections' weights in oneDNN's layout (engine.model.packed)
         packed = config.mode == "eager" and config.packed_weights and can_pack(self.dtype, self.device) and pack_layers(weights)

@@ -95,7 +95,7 @@ async def main_async(args: argparse.Namespace) -> dict:
     await run_case(engine, q, ["a0", None] * 2, 8, "warm")
     # long enough for the decode attention's kernel to be asked for, then ready before timing
     await run_case(engine, q, [None] * r, max_new, "warm-kernels")
-    if n > 1:  # a mixed step asks for the LoRA kernels
+    if n > 1:  # and the mixed path's first steps (its prefills gather the adapters' weights)
         await run_case(engine, q, [f"a{i % n}" for i in range(r)], 4, "warm-lora")
     kernels = await asyncio.to_thread(engine.wait_for_kernels, 600)
     cases = {
@@ -137,7 +137,7 @@ def main() -> None:
     ap.add_argument("--no-compiled-kernels", action="store_true", help="eager: SDPA decode attention throughout")
     ap.add_argument("--no-packed-weights", action="store_true", help="eager bf16 CPU: plain F.linear layer weights")
     ap.add_argument("--lora-form", choices=["auto", "x_at", "a_xt"], default="auto",
-                    help="how a mixed decode step computes its LoRA (auto: the compiled slot kernel, "
+                    help="how a thin batch computes its LoRA (auto: the C slot kernel, "
                     "else the gathered form timed fastest here)")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()

@@ -4,12 +4,13 @@ A projection's LoRA delta is a shrink (``x @ Aᵀ``, rank-wide) and an expand (`
 row, each row with its own adapter's weights, per fused projection group (q/k/v, o, gate/up,
 down). A batch computes them in one of three *forms*:
 
-- ``"kernel"`` (a thin batch, up to 64 rows: decode steps, short prefills): straight from the slot tables, with no gather: a
-  C kernel (``slot_lora.c``, engine.lora.native) reads each row's own adapter rows where the
+- ``"kernel"`` (a thin batch, up to 64 rows: decode steps, short prefills): straight from the
+  slot tables, with no gather: a C kernel (``slot_lora.c``, engine.lora.native) reads each row's own adapter rows where the
   slots keep them, in their own dtype, sums in float32 and adds into the projection's output,
   one call per group and layer. With many adapters in a step, reading their weights is the
   cost of its LoRA, and gathering them first cost as much again on every change of the
-  batch's composition; with one adapter, decode steps are still 6-14% faster than with two plain matmuls.
+  batch's composition; with one adapter, decode steps are still 6-14% faster than with two
+  plain matmuls.
 - ``"x_at"`` and ``"a_xt"`` (a wide batch of several adapters, and a thin one without the
   kernel): the k distinct adapters the rows use gathered (by LoraSlots, once per batch
   composition), rows grouped by adapter into a padded ``[k, width, in]`` block and two batched
@@ -59,21 +60,16 @@ class GroupLora:
     parts: tuple[tuple[int, torch.Tensor], ...] = ()
 
 
-@dataclasses.dataclass(frozen=True)
-class SlotGroup:
-    """A group's LoRA for the kernel form: the kernel and its plan per layer (the slot tables
-    of the group's active modules, and where each one's delta goes in the group's output)."""
-
-    kernel: SlotKernel
-    plans: tuple[Plan, ...]
-    #: the slots' ranks, ``[slots]`` int32: each row reads its own adapter's rank rows only
-    ranks: torch.Tensor
+#: a group's LoRA for the kernel form: its plan per layer (the slot tables of the group's
+#: active modules, and where each one's delta goes in the group's output)
+SlotPlans = tuple[Plan, ...]
 
 
 class LoraBatch:
     """The LoRA inputs of one forward pass.
 
-    In the kernel form, every projection's delta comes from ``slot_groups``. Otherwise, with one
+    In the kernel form, every projection's delta comes from ``slot_groups`` through ``kernel``
+    (``ranks``: the slots' ranks, ``[slots]`` int32, so each row reads its own rank). Otherwise, with one
     adapter in the batch, it is two plain matmuls (rows on the base model masked to zero); with
     several, it is computed in the batch's gathered ``form`` from ``groups`` (see the module's
     docstring). In every form each row only pays for its own adapter's rank.
@@ -81,7 +77,8 @@ class LoraBatch:
 
     def __init__(
         self, groups: Mapping[str, GroupLora], token_pos: Sequence[int], k: int, device: torch.device, dtype: torch.dtype,
-        form: str = "a_xt", slot_groups: Mapping[str, SlotGroup] | None = None,
+        form: str = "a_xt", slot_groups: Mapping[str, SlotPlans] | None = None, kernel: SlotKernel | None = None,
+        ranks: torch.Tensor | None = None,
     ) -> None:
         if form not in (*FORMS, "kernel"):
             raise ValueError(f"unknown form {form!r}")
@@ -92,7 +89,10 @@ class LoraBatch:
         self.row_mask: torch.Tensor | None = None
         if form == "kernel":
             # token_pos are the rows' slots here (-1: base, which the kernel skips)
+            if kernel is None or ranks is None:
+                raise ValueError("the kernel form needs the slot kernel and the slots' ranks")
             self.slot_groups = slot_groups or {}
+            self._kernel, self._ranks = kernel, ranks
             self._slots = torch.tensor(token_pos, dtype=torch.int64, device=device)
             return
         if any(p < 0 for p in token_pos) and k == 1:
@@ -128,9 +128,9 @@ class LoraBatch:
 
     def apply(self, group: str, layer: int, x: torch.Tensor, out: torch.Tensor) -> None:
         if self.form == "kernel":
-            sg = self.slot_groups.get(group)
-            if sg is not None:
-                delta(sg.kernel, x, self._slots, sg.ranks, sg.plans[layer], out)
+            plans = self.slot_groups.get(group)
+            if plans is not None:
+                delta(self._kernel, x, self._slots, self._ranks, plans[layer], out)
             return
         g = self.groups.get(group)
         if g is None:

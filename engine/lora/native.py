@@ -103,11 +103,11 @@ def _cpu_flags() -> str:
     return next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), "")
 
 
-def _flags(cc: str) -> list[str]:
+def _flags(version: bytes) -> list[str]:
     """GNU OpenMP only where it is the runtime torch already loaded (the soname resolves to
-    that copy); otherwise only the SIMD pragmas, serial across rows."""
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    gomp = "clang" not in version.lower() and gnu_openmp()
+    that copy) and the compiler (``version``: what its --version printed) is not clang;
+    otherwise only the SIMD pragmas, serial across rows."""
+    gomp = b"clang" not in version.lower() and gnu_openmp()
     return ["-O3", "-march=native", "-shared", "-fPIC", "-fopenmp" if gomp else "-fopenmp-simd"]
 
 
@@ -117,12 +117,12 @@ def load(cache_dir: Path) -> SlotKernel | None:
     when there is no compiler or the build or its check fails (logged once)."""
     cc = _compiler()
     if cc is None:
-        log.info("no C compiler found: mixed decode steps gather their adapters' LoRA weights")
+        log.info("no C compiler found: thin batches' LoRA as matmuls over gathered weights")
         return None
     try:
-        flags = _flags(cc)
-        source = SOURCE.read_bytes()
         version = subprocess.run([cc, "--version"], capture_output=True, timeout=30).stdout
+        flags = _flags(version)
+        source = SOURCE.read_bytes()
         key = hashlib.sha256(b"\0".join([source, version, " ".join(flags).encode(), _cpu_flags().encode()]))
         path = cache_dir / f"slot_lora-{key.hexdigest()[:16]}.so"
         if not path.is_file():

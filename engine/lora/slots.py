@@ -36,7 +36,7 @@ from ..errors import AdapterExists, AdapterNotFound, AdapterRankTooLarge, Adapte
 from ..model.weights import LlamaDims
 from ..threads import confined
 from ..types import LORA_TARGETS, AdapterConfig
-from .batch import GROUPS, GroupLora, LoraBatch, SlotGroup, mixed_forms
+from .batch import GROUPS, GroupLora, LoraBatch, SlotPlans, mixed_forms
 from .native import SlotKernel, plan
 
 _COMPOSITIONS_KEPT = 4
@@ -114,7 +114,7 @@ class LoraSlots:
         #: the kernel form's kernel (the engine sets it in eager mode on the CPU); None:
         #: gathered forms throughout
         self.native: SlotKernel | None = None
-        self._plans: dict[frozenset[str], dict[str, SlotGroup]] = {}  # per set of targets
+        self._plans: dict[frozenset[str], dict[str, SlotPlans]] = {}  # per set of targets
         L = dims.num_layers
         self.A = {}
         self.B = {}
@@ -339,7 +339,8 @@ class LoraSlots:
         device = self.A["q_proj"].device
         if (len(token_slots) <= _THIN_ROWS and self.native is not None and self.native.supports(self.dtype)
                 and device.type == "cpu"):  # one adapter or many: each row reads its own slot
-            return LoraBatch({}, token_slots, len(distinct), device, self.dtype, "kernel", self._slot_groups(targets))
+            return LoraBatch({}, token_slots, len(distinct), device, self.dtype, "kernel", self._slot_groups(targets),
+                             self.native, self._ranks)
         form = self.mixed_form if thin and mixed else self.matmul_form
         dtype = self.thin_dtype if thin else self.dtype
         key = (dtype, *key_slots)
@@ -353,7 +354,7 @@ class LoraSlots:
         pos = {s: i for i, s in enumerate(distinct)}
         return LoraBatch(groups, [pos.get(s, -1) for s in token_slots], len(distinct), device, dtype, form)
 
-    def _slot_groups(self, targets: frozenset[str]) -> dict[str, SlotGroup]:
+    def _slot_groups(self, targets: frozenset[str]) -> dict[str, SlotPlans]:
         """The kernel form's groups for adapters targeting ``targets``: per group with an active
         module, its plan per layer (the tables are the slots' own, so plans are kept)."""
         groups = self._plans.get(targets)
@@ -367,11 +368,10 @@ class LoraSlots:
                 continue
             outs = [self.dims.projection_shape(m)[1] for m in modules]
             cols = [sum(outs[:j]) for j in active]
-            plans = tuple(
+            groups[group] = tuple(
                 plan([self.group_A[group][layer, :, j * R : (j + 1) * R] for j in active],
                      [self.B[modules[j]][layer] for j in active], cols)
                 for layer in range(self.dims.num_layers))
-            groups[group] = SlotGroup(self.native, plans, self._ranks)
         self._plans[targets] = groups
         return groups
 

@@ -247,7 +247,7 @@ def test_a_batch_s_lora_delta_is_each_row_s_own_adapter_s(token_slots, dtype, fo
         assert batch.in_order == (len(distinct) == len(token_slots))
     if form == "kernel":
         assert not batch.groups  # nothing gathered: the kernel reads the slots
-        assert [sg.plans[1].modules for sg in batch.slot_groups.values()] == [2, 1]  # q and v; down
+        assert [plans[1].modules for plans in batch.slot_groups.values()] == [2, 1]  # q and v; down
     for group, layer in (("qkv", 1), ("down", 0)):
         fan_in = dims.projection_shape(GROUPS[group][0])[0]
         outs = [dims.projection_shape(m)[1] for m in GROUPS[group]]
